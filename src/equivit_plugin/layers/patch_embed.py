@@ -1,0 +1,255 @@
+"""Patch embeddings built from a stack of convolutions (Equi-ViT's GMR stem, ConvViT's plain one).
+
+The published Equi-ViT cuts the image into ``p x p`` patches and runs every patch through
+valid convolutions of sizes ``k_1, ..., k_n`` with ``sum(k_i - 1) + 1 == p``, ending at 1x1.
+Two equivalent, much faster formulations are used here:
+
+* linear stack (no activation): convolutions compose, so the whole stack is ONE ``p x p``
+  convolution with stride ``p`` whose kernel is the full convolution of the layer kernels.
+  It costs what ``timm.layers.PatchEmbed`` costs; autograd flows through the composition.
+* non-linear stack: the first layers run with stride 1 over the whole image and the last one
+  with stride ``p``. The last layer only reads the intermediate positions that lie inside one
+  patch, so every token depends on its own patch alone, exactly as in the per-patch form.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.layers import PatchEmbed, to_2tuple
+from torch import nn
+
+from .gmr_conv import GMRConv2d
+from .kernel_cache import DerivedTensorCache
+
+__all__ = ["ConvStackProjection", "StackedConvPatchEmbed", "GMRPatchEmbed", "ConvPatchEmbed",
+           "compose_kernels", "default_kernel_sizes"]
+
+
+def default_kernel_sizes(patch_size: int) -> tuple[int, int]:
+    """Two-layer stack for a patch size: ``(6, 11)`` for 16 as published, ``(3, 6)`` for 8."""
+    first = (patch_size + 2) // 3
+    return first, patch_size - first + 1
+
+
+def compose_kernels(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """Kernel of ``conv(conv(x, first), second)`` (valid, stride 1, cross-correlation).
+
+    Args:
+        first: ``(C_mid, C_in, *k1)``.
+        second: ``(C_out, C_mid, *k2)``.
+
+    Returns:
+        ``(C_out, C_in, *(k1 + k2 - 1))``, the full convolution of the two kernels summed over
+        ``C_mid``.
+    """
+    spatial = first.dim() - 2
+    conv_fn = (F.conv1d, F.conv2d, F.conv3d)[spatial - 1]
+    k1 = first.shape[2:]
+    weight = first.flip(list(range(2, first.dim()))).transpose(0, 1)
+    return conv_fn(second, weight, padding=tuple(k - 1 for k in k1))
+
+
+def _dense_kernel(conv: nn.Module) -> torch.Tensor:
+    return conv.kernel() if hasattr(conv, "kernel") else conv.weight
+
+
+class ConvStackProjection(nn.Module):
+    """``p x p`` patch projection made of stacked valid convolutions.
+
+    Args:
+        in_chans: input channels.
+        embed_dim: output channels (token dimension ``D``).
+        patch_size: ``p``; must equal ``sum(k_i - 1) + 1``.
+        kernel_sizes: kernel size of each layer.
+        mid_channels: channels between layers (one int, or one per gap).
+        conv_layer: convolution class (``GMRConv2d``, ``nn.Conv2d``, ...), called as
+            ``conv_layer(c_in, c_out, kernel_size=k, stride=s, bias=b)``.
+        act_layer: activation between layers; ``None`` (published) makes the stack linear and
+            lets it run as one composed convolution.
+        bias: bias of the last layer (inner layers have none, as published).
+
+    Shapes:
+        ``(B, C, H, W) -> (B, D, H // p, W // p)``.
+    """
+
+    def __init__(
+        self,
+        in_chans: int,
+        embed_dim: int,
+        patch_size: int,
+        kernel_sizes: Sequence[int] | None = None,
+        mid_channels: int | Sequence[int] = 64,
+        conv_layer: Callable[..., nn.Module] = GMRConv2d,
+        act_layer: Callable[[], nn.Module] | None = None,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        kernel_sizes = tuple(kernel_sizes or default_kernel_sizes(patch_size))
+        receptive = sum(k - 1 for k in kernel_sizes) + 1
+        if receptive != patch_size or any(k < 1 for k in kernel_sizes):
+            raise ValueError(
+                f"kernel_sizes {kernel_sizes} cover {receptive} pixels "
+                f"(sum(k - 1) + 1 = {receptive}), but patch_size is {patch_size}: each token must "
+                f"see exactly one patch"
+            )
+        n_gaps = len(kernel_sizes) - 1
+        mids = [mid_channels] * n_gaps if isinstance(mid_channels, int) else list(mid_channels)
+        if len(mids) != n_gaps:
+            raise ValueError(
+                f"mid_channels {mid_channels} must be one int or {n_gaps} ints for "
+                f"kernel_sizes {kernel_sizes}"
+            )
+        channels = [in_chans, *mids, embed_dim]
+        last = len(kernel_sizes) - 1
+        self.convs = nn.ModuleList(
+            conv_layer(channels[i], channels[i + 1], kernel_size=k,
+                       stride=patch_size if i == last else 1, bias=bias and i == last)
+            for i, k in enumerate(kernel_sizes)
+        )
+        self.act = act_layer() if act_layer is not None else None
+        self.in_channels = in_chans
+        self.out_channels = embed_dim
+        self.patch_size = patch_size
+        self.kernel_sizes = kernel_sizes
+        self._kernel_cache = DerivedTensorCache()
+
+    @property
+    def composed(self) -> bool:
+        """True when the stack is linear and runs as one ``p x p`` convolution."""
+        return self.act is None
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.convs[-1].bias
+
+    def _compose(self) -> torch.Tensor:
+        kernel = _dense_kernel(self.convs[0])
+        for conv in self.convs[1:]:
+            kernel = compose_kernels(kernel, _dense_kernel(conv))
+        return kernel
+
+    def kernel(self) -> torch.Tensor:
+        """Composed kernel ``(D, C, p, p)`` of a linear stack (cached in eval mode)."""
+        if not self.composed:
+            raise RuntimeError("a stack with an activation between layers has no single kernel")
+        params = [p for conv in self.convs for p in conv.parameters() if p is not self.bias]
+        return self._kernel_cache.get(self, params, self._compose)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"patch embedding expects a (B, {self.in_channels}, H, W) image batch, "
+                f"got shape {tuple(x.shape)}"
+            )
+        if not x.is_floating_point():
+            raise TypeError(
+                f"patch embedding expects a floating-point image (normalise uint8 tiles first), "
+                f"got dtype {x.dtype}"
+            )
+        if self.composed:
+            return F.conv2d(x, self.kernel(), self.bias, stride=self.patch_size)
+        for conv in self.convs[:-1]:
+            x = self.act(conv(x))
+        return self.convs[-1](x)
+
+    def _apply(self, fn, recurse=True):
+        self._kernel_cache.clear()
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        return f"kernel_sizes={self.kernel_sizes}, composed={self.composed}"
+
+
+class StackedConvPatchEmbed(PatchEmbed):
+    """``timm.layers.PatchEmbed`` whose projection is a :class:`ConvStackProjection`.
+
+    Same constructor keywords and output semantics as ``PatchEmbed`` (so it is a drop-in
+    ``embed_layer`` for ``timm.models.VisionTransformer``), plus the stack's ``kernel_sizes``,
+    ``mid_channels``, ``conv_layer`` and ``act_layer``.
+
+    Shapes:
+        ``(B, C, H, W) -> (B, N, D)`` when flattening (default), else ``output_fmt``.
+    """
+
+    default_conv_layer: Callable[..., nn.Module] = nn.Conv2d
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] | None = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        norm_layer: Callable[..., nn.Module] | None = None,
+        flatten: bool = True,
+        output_fmt: str | None = None,
+        bias: bool = True,
+        strict_img_size: bool = True,
+        dynamic_img_pad: bool = False,
+        kernel_sizes: Sequence[int] | None = None,
+        mid_channels: int | Sequence[int] = 64,
+        conv_layer: Callable[..., nn.Module] | None = None,
+        act_layer: Callable[[], nn.Module] | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        patch = to_2tuple(patch_size)
+        if patch[0] != patch[1]:
+            raise ValueError(f"patch_size must be square for a ring stem, got {patch_size}")
+        super().__init__(
+            img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=1,
+            norm_layer=None, flatten=flatten, output_fmt=output_fmt, bias=False,
+            strict_img_size=strict_img_size, dynamic_img_pad=dynamic_img_pad,
+        )
+        self.proj = ConvStackProjection(
+            in_chans, embed_dim, patch[0], kernel_sizes=kernel_sizes, mid_channels=mid_channels,
+            conv_layer=conv_layer or self.default_conv_layer, act_layer=act_layer, bias=bias,
+        )
+        self.norm = norm_layer(embed_dim) if norm_layer else nn.Identity()
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W)`` float image batch to tokens; errors name the offending value."""
+        if x.dim() != 4:
+            raise ValueError(f"expected a (B, C, H, W) image batch, got shape {tuple(x.shape)}")
+        height, width = x.shape[-2:]
+        if self.img_size is not None and self.strict_img_size and (height, width) != self.img_size:
+            raise ValueError(
+                f"input size {height}x{width} does not match the model's img_size "
+                f"{self.img_size[0]}x{self.img_size[1]} (strict_img_size=True)"
+            )
+        if not self.dynamic_img_pad and (height % self.patch_size[0] or width % self.patch_size[1]):
+            raise ValueError(
+                f"input size {height}x{width} is not divisible by patch_size {self.patch_size[0]}"
+            )
+        return super().forward(x)
+
+    def set_input_size(self, img_size=None, patch_size=None) -> None:
+        if patch_size is not None and to_2tuple(patch_size) != self.patch_size:
+            raise NotImplementedError("changing the patch size of a convolution stack")
+        super().set_input_size(img_size=img_size)
+
+
+class GMRPatchEmbed(StackedConvPatchEmbed):
+    """Equi-ViT patch embedding: stacked GMR convolutions, ``kernel_sizes=(6, 11)`` and
+    ``mid_channels=64`` for 16x16 patches, no activation (as published).
+
+    Every token is exactly invariant to the 8 rotations/flips of its own patch (the composed
+    kernel of D4-symmetric kernels is D4-symmetric).
+
+    Example:
+        >>> embed = GMRPatchEmbed(img_size=224, patch_size=16, embed_dim=384)
+        >>> embed(torch.randn(2, 3, 224, 224)).shape
+        torch.Size([2, 196, 384])
+    """
+
+    default_conv_layer = GMRConv2d
+
+
+class ConvPatchEmbed(StackedConvPatchEmbed):
+    """The same two-layer stem with plain ``nn.Conv2d`` (the paper's "Conv2D ViT" baseline)."""
+
+    default_conv_layer = nn.Conv2d

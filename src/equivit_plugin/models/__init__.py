@@ -1,0 +1,14 @@
+"""The Equi-ViT model family (registered in timm on import) and weight loading."""
+
+from .equivit import MODEL_SIZES, STEMS, EquiVisionTransformer, model_config, model_name
+from .weights import LoadReport, load_vit_weights
+
+__all__ = [
+    "EquiVisionTransformer",
+    "LoadReport",
+    "MODEL_SIZES",
+    "STEMS",
+    "load_vit_weights",
+    "model_config",
+    "model_name",
+]
