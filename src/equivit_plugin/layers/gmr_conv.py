@@ -52,25 +52,25 @@ def ring_distances(kernel_size: Sequence[int], dtype: torch.dtype = torch.float6
     return torch.sqrt(sum(g * g for g in grids))
 
 
-def ring_basis(kernel_size: Sequence[int], radii: torch.Tensor, sigmas: torch.Tensor,
-               circular: bool = True) -> torch.Tensor:
-    """Gaussian ring images, one per radius.
+def ring_basis(distances: torch.Tensor, radii: torch.Tensor, sigmas: torch.Tensor,
+               support_radius: float | None = None) -> torch.Tensor:
+    """Gaussian ring profiles ``exp(-(d - mu_r)^2 / (2 sigma_r^2))`` at given distances.
 
     Args:
-        kernel_size: spatial kernel size, one entry per dimension (all equal).
+        distances: tap distances from the kernel centre, any shape ``S``.
         radii: ring radii ``mu_r``, shape ``(R,)``.
         sigmas: ring widths ``sigma_r``, shape ``(R,)``.
-        circular: zero the taps farther than ``(k - 1) / 2 + 0.5`` from the centre, so the
-            kernel support is a disc rather than a square (as the published ``force_circular``).
+        support_radius: taps farther than this are zero (a disc-shaped support, as the
+            published ``force_circular``); ``None`` keeps the full square.
 
     Returns:
-        Tensor of shape ``(R, *kernel_size)``.
+        Tensor of shape ``(R, *S)``.
     """
-    d = ring_distances(kernel_size, dtype=sigmas.dtype, device=sigmas.device)
-    shape = (-1,) + (1,) * len(kernel_size)
+    shape = (-1,) + (1,) * distances.dim()
+    d = distances.to(sigmas.dtype)
     basis = torch.exp(-0.5 * ((d - radii.view(shape)) / sigmas.view(shape)) ** 2)
-    if circular:
-        basis = basis * (d <= (kernel_size[0] - 1) / 2 + 0.5).to(basis.dtype)
+    if support_radius is not None:
+        basis = basis * (d <= support_radius).to(basis.dtype)
     return basis
 
 
@@ -150,6 +150,12 @@ class GMRConvNd(nn.Module):
             raise ValueError(f"num_rings must be >= 1, got {num_rings}")
 
         max_radius = (k - 1) / 2
+        # Taps at equal distance share one value, gathered from the unique distances: this
+        # makes the kernel bitwise symmetric (a matmul per tap could round symmetric taps apart).
+        unique, tap_index = torch.unique(ring_distances(self.kernel_size), return_inverse=True)
+        self.register_buffer("unique_distances", unique.to(dtype or torch.get_default_dtype()),
+                             persistent=False)
+        self.register_buffer("tap_index", tap_index.flatten(), persistent=False)
         self.register_buffer(
             "radii", torch.linspace(0.0, max_radius, self.num_rings, **factory), persistent=False
         )
@@ -181,7 +187,7 @@ class GMRConvNd(nn.Module):
         fan_in = self.weight.shape[1] * math.prod(self.kernel_size)
         bound = 1.0 / math.sqrt(fan_in)
         with torch.no_grad():
-            basis = self._basis().double()
+            basis = self._basis().double()[:, self.tap_index]
             energy = basis.pow(2).sum(0).mean().item()
             nn.init.uniform_(self.weight, -bound / math.sqrt(energy), bound / math.sqrt(energy))
             if self.bias is not None:
@@ -189,12 +195,14 @@ class GMRConvNd(nn.Module):
         self._kernel_cache.clear()
 
     def _basis(self) -> torch.Tensor:
-        return ring_basis(self.kernel_size, self.radii.to(self.log_sigma.dtype), self.sigma,
-                          self.circular)
+        """Ring profiles at the unique tap distances, ``(R, U)``."""
+        support = (self.kernel_size[0] - 1) / 2 + 0.5 if self.circular else None
+        return ring_basis(self.unique_distances, self.radii.to(self.log_sigma.dtype),
+                          self.sigma, support)
 
     def _build_kernel(self) -> torch.Tensor:
-        basis = self._basis().to(self.weight.dtype)
-        kernel = self.weight @ basis.flatten(1)
+        profile = self.weight @ self._basis().to(self.weight.dtype)  # (C_out, C_in/g, U)
+        kernel = profile[..., self.tap_index]
         return kernel.view(*self.weight.shape[:2], *self.kernel_size)
 
     def kernel(self) -> torch.Tensor:

@@ -1,0 +1,132 @@
+"""Image rotations: the 8 exact symmetries of the square (D4) and the arbitrary-angle protocol.
+
+Direction convention (used everywhere in this subpackage): a positive angle rotates the image
+**counter-clockwise as displayed** (row 0 at the top), exactly like
+``torch.rot90(x, k, dims=(-2, -1))``. ``rotate(x, 90)`` is bitwise ``torch.rot90(x, 1, (-2, -1))``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["D4_NAMES", "D4_TRANSFORMS", "d4_transform", "rotate"]
+
+Transform = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _rot(k: int) -> Transform:
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        return torch.rot90(x, k, dims=(-2, -1)) if k % 4 else x
+    return fn
+
+
+def _flip_rot(k: int) -> Transform:
+    # Flip first (mirror left-right), then rotate: "flip_rot90" = rot90(flip(x)).
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        flipped = torch.flip(x, dims=(-1,))
+        return torch.rot90(flipped, k, dims=(-2, -1)) if k % 4 else flipped
+    return fn
+
+
+D4_TRANSFORMS: list[tuple[str, Transform]] = [
+    *((f"rot{90 * k}", _rot(k)) for k in range(4)),
+    ("flip", _flip_rot(0)),
+    *((f"flip_rot{90 * k}", _flip_rot(k)) for k in range(1, 4)),
+]
+"""The dihedral group D4 acting on the last two dims of a ``(..., H, W)`` tensor, as
+``(name, fn)`` pairs: ``rot0`` (identity), ``rot90``, ``rot180``, ``rot270`` (counter-clockwise),
+``flip`` (mirror left-right, i.e. reverse the last dim), and ``flip_rotK = rotK(flip(x))``.
+Every transform is an exact permutation of pixels (no interpolation)."""
+
+D4_NAMES: list[str] = [name for name, _ in D4_TRANSFORMS]
+
+
+def d4_transform(name: str) -> Transform:
+    """The D4 transform called ``name`` (one of :data:`D4_NAMES`)."""
+    for candidate, fn in D4_TRANSFORMS:
+        if candidate == name:
+            return fn
+    raise ValueError(f"unknown D4 transform {name!r}; expected one of {D4_NAMES}")
+
+
+def _pad(x: torch.Tensor, pad_h: int, pad_w: int, mode: str) -> torch.Tensor:
+    """Pad the last two dims of a 4-D tensor symmetrically by ``pad_h`` rows, ``pad_w`` cols."""
+    if mode == "zeros":
+        mode = "constant"
+    if mode != "reflect":
+        return F.pad(x, (pad_w, pad_w, pad_h, pad_h), mode=mode)
+    # F.pad's reflect needs pad < size; reflecting repeatedly covers larger pads.
+    while pad_h > 0 or pad_w > 0:
+        height, width = x.shape[-2:]
+        step_h, step_w = min(pad_h, height - 1), min(pad_w, width - 1)
+        if (pad_h and step_h == 0) or (pad_w and step_w == 0):
+            # A single row/column cannot be reflected: repeat it instead.
+            return F.pad(x, (pad_w, pad_w, pad_h, pad_h), mode="replicate")
+        x = F.pad(x, (step_w, step_w, step_h, step_h), mode="reflect")
+        pad_h, pad_w = pad_h - step_h, pad_w - step_w
+    return x
+
+
+def rotate(images: torch.Tensor, angle_deg: float, padding_mode: str = "reflect") -> torch.Tensor:
+    """Rotate images counter-clockwise by ``angle_deg`` about their true centre.
+
+    Multiples of 90 degrees (any sign, any number of turns) use ``torch.rot90`` and are exact:
+    ``rotate(x, 90)`` is bitwise ``torch.rot90(x, 1, dims=(-2, -1))`` (for non-square images
+    90/270 therefore swap ``H`` and ``W``, as ``rot90`` does). Other angles follow the published
+    evaluation protocol: pad the image (``padding_mode``: ``"reflect"``, ``"replicate"``,
+    ``"circular"`` or ``"zeros"``) by enough that the rotated corners stay inside, rotate about
+    the centre ``((H - 1) / 2, (W - 1) / 2)`` with bilinear interpolation, and centre-crop back
+    to ``H x W``.
+
+    Args:
+        images: ``(..., H, W)``; floating point unless the angle is a multiple of 90.
+        angle_deg: rotation angle in degrees, counter-clockwise as displayed.
+        padding_mode: how the border is extended before rotating.
+
+    Returns:
+        ``(..., H, W)`` tensor of the same dtype and device.
+    """
+    if images.dim() < 2:
+        raise ValueError(f"expected a (..., H, W) tensor, got shape {tuple(images.shape)}")
+    angle = float(angle_deg)
+    if not math.isfinite(angle):
+        raise ValueError(f"angle_deg must be finite, got {angle_deg}")
+    turns, remainder = divmod(angle, 90.0)
+    if remainder == 0.0:
+        return _rot(int(turns) % 4)(images)
+    if not images.is_floating_point():
+        raise TypeError(f"rotating by {angle} degrees interpolates: images must be floating point, "
+                        f"got dtype {images.dtype}")
+
+    *lead, height, width = images.shape
+    x = images.reshape(1, -1, height, width)
+    theta = math.radians(angle)
+    cos, sin = math.cos(theta), math.sin(theta)
+    cy, cx = (height - 1) / 2, (width - 1) / 2
+    # Output pixels at most (cx, cy) from the centre read source points up to these
+    # offsets; one extra pixel keeps the bilinear neighbours inside the padded image too.
+    pad_w = max(0, math.ceil(abs(cos) * cx + abs(sin) * cy - cx)) + 1
+    pad_h = max(0, math.ceil(abs(sin) * cx + abs(cos) * cy - cy)) + 1
+    padded = _pad(x, pad_h, pad_w, padding_mode)
+    padded_h, padded_w = padded.shape[-2:]
+
+    # Sampling only the central H x W window of the rotated padded image is the same as
+    # rotating all of it and centre-cropping, without computing pixels that are thrown away.
+    # Each output offset (u, v) from the centre (u right, v down) reads the source offset it
+    # came from, i.e. (u, v) turned back by the angle; at 90 degrees that is (-v, u), which is
+    # exactly what rot90 reads, so both paths agree in direction.
+    dev = images.device
+    v = torch.arange(height, dtype=torch.float64, device=dev) - cy
+    u = torch.arange(width, dtype=torch.float64, device=dev) - cx
+    vv, uu = torch.meshgrid(v, u, indexing="ij")
+    src_col = cos * uu - sin * vv + cx + pad_w
+    src_row = sin * uu + cos * vv + cy + pad_h
+    # grid_sample with align_corners=False: pixel centre i sits at (2 i + 1) / size - 1.
+    grid = torch.stack(((2 * src_col + 1) / padded_w - 1, (2 * src_row + 1) / padded_h - 1), -1)
+    grid = grid.to(images.dtype).unsqueeze(0)
+    out = F.grid_sample(padded, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out.reshape(*lead, height, width)
