@@ -143,7 +143,7 @@ def _create(name: str, pretrained: bool, variant: str, size: str,
     return build_model_with_cfg(
         EquiVisionTransformer, name, pretrained,
         feature_cfg={"out_indices": out_indices, "feature_cls": "getter"},
-        **model_config(variant, size, patch_size=16, img_size=224, **kwargs),
+        **model_config(variant, size, **{"patch_size": 16, "img_size": 224, **kwargs}),
     )
 
 

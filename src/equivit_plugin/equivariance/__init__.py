@@ -1,0 +1,34 @@
+"""Tools to measure rotation equivariance: exact D4 transforms, the arbitrary-angle rotation
+protocol, token/feature equivariance metrics, rotation sweeps and their plots."""
+
+from .metrics import (
+    RotationSweep,
+    d4_sweep,
+    d4_token_similarity,
+    feature_invariance,
+    mutual_knn_similarity,
+    prediction_agreement,
+    rotation_sweep,
+    token_grid,
+    token_similarity,
+)
+from .plots import plot_accuracy_polar, plot_similarity_vs_angle
+from .transforms import D4_NAMES, D4_TRANSFORMS, d4_transform, rotate
+
+__all__ = [
+    "D4_NAMES",
+    "D4_TRANSFORMS",
+    "RotationSweep",
+    "d4_sweep",
+    "d4_token_similarity",
+    "d4_transform",
+    "feature_invariance",
+    "mutual_knn_similarity",
+    "plot_accuracy_polar",
+    "plot_similarity_vs_angle",
+    "prediction_agreement",
+    "rotate",
+    "rotation_sweep",
+    "token_grid",
+    "token_similarity",
+]

@@ -1,0 +1,92 @@
+"""Figures for rotation sweeps and token equivariance (PNG via matplotlib's Agg canvas).
+
+The figures are drawn on ``matplotlib.figure.Figure`` with an Agg canvas rather than through
+``pyplot``, so no display is needed and the caller's global backend is left alone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from .metrics import RotationSweep
+
+__all__ = ["plot_accuracy_polar", "plot_similarity_vs_angle"]
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path
+
+
+def plot_accuracy_polar(sweeps: Mapping[str, RotationSweep], path: str | Path,
+                        title: str = "Accuracy vs rotation angle") -> Path:
+    """Polar plot of accuracy (radius) against rotation angle, one closed line per model.
+
+    Args:
+        sweeps: ``{model name: RotationSweep}`` (angle sweeps; angles in degrees).
+        path: output PNG; parent folders are created.
+        title: figure title.
+
+    Returns:
+        ``path`` as a ``Path``.
+    """
+    if not sweeps:
+        raise ValueError("no sweeps to plot")
+    fig = Figure(figsize=(6, 6))
+    ax = fig.add_subplot(projection="polar")
+    for name, sweep in sweeps.items():
+        order = np.argsort(sweep.angles)
+        theta = np.radians(np.asarray(sweep.angles, dtype=float)[order])
+        acc = np.asarray(sweep.accuracy, dtype=float)[order]
+        # Repeat the first point one turn later so the line closes the loop.
+        ax.plot(np.append(theta, theta[0] + 2 * math.pi), np.append(acc, acc[0]), marker="o",
+                label=f"{name} ({sweep.mean:.3f} +- {sweep.std:.3f})")
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.legend(loc="lower left", bbox_to_anchor=(-0.1, -0.25), fontsize="small")
+    return _save(fig, path)
+
+
+def plot_similarity_vs_angle(results: Mapping[str, Mapping[Any, Mapping[str, float]]],
+                             path: str | Path,
+                             title: str = "Token equivariance vs rotation angle") -> Path:
+    """Token cosine similarity against angle: mean solid, min dashed, one colour per model.
+
+    Args:
+        results: ``{model name: token_similarity(...) output}``, i.e.
+            ``{model: {angle: {"mean": float, "min": float, ...}}}``; angle keys may be numbers
+            or numeric strings (as read back from JSON).
+        path: output PNG; parent folders are created.
+        title: figure title.
+
+    Returns:
+        ``path`` as a ``Path``.
+    """
+    if not results:
+        raise ValueError("no results to plot")
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
+    for index, (name, per_angle) in enumerate(results.items()):
+        points = sorted((float(angle), stats) for angle, stats in per_angle.items())
+        angles = [angle for angle, _ in points]
+        color = f"C{index % 10}"
+        ax.plot(angles, [s["mean"] for _, s in points], color=color, marker="o", ms=3,
+                label=f"{name} mean")
+        ax.plot(angles, [s["min"] for _, s in points], color=color, linestyle="--",
+                label=f"{name} min")
+    ax.set_xlabel("rotation angle (degrees, counter-clockwise)")
+    ax.set_ylabel("token cosine similarity")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    return _save(fig, path)
