@@ -112,7 +112,8 @@ def test_output_semantics_match_timm_patch_embed() -> None:
     padded = GMRPatchEmbed(img_size=None, embed_dim=8, dynamic_img_pad=True)
     assert padded(torch.randn(1, 3, 40, 40)).shape == (1, 9, 8)
     normed = GMRPatchEmbed(img_size=32, embed_dim=8, norm_layer=nn.LayerNorm)
-    assert isinstance(normed.norm, nn.LayerNorm) and normed(torch.randn(1, 3, 32, 32)).shape[-1] == 8
+    assert isinstance(normed.norm, nn.LayerNorm)
+    assert normed(torch.randn(1, 3, 32, 32)).shape[-1] == 8
 
 
 def test_clear_errors_name_the_bad_values() -> None:
