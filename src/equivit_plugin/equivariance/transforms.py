@@ -123,8 +123,8 @@ def rotate(images: torch.Tensor, angle_deg: float, padding_mode: str = "reflect"
     v = torch.arange(height, dtype=torch.float64, device=dev) - cy
     u = torch.arange(width, dtype=torch.float64, device=dev) - cx
     vv, uu = torch.meshgrid(v, u, indexing="ij")
-    src_col = cos * uu + sin * vv + cx + pad_w
-    src_row = -sin * uu + cos * vv + cy + pad_h
+    src_col = cos * uu - sin * vv + cx + pad_w
+    src_row = sin * uu + cos * vv + cy + pad_h
     # grid_sample with align_corners=False: pixel centre i sits at (2 i + 1) / size - 1.
     grid = torch.stack(((2 * src_col + 1) / padded_w - 1, (2 * src_row + 1) / padded_h - 1), -1)
     grid = grid.to(images.dtype).unsqueeze(0)
