@@ -131,3 +131,13 @@ def test_clear_errors_name_the_bad_values() -> None:
         embed(torch.randn(1, 4, 64, 64))
     with pytest.raises(TypeError, match="torch.uint8"):
         embed(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+
+
+def test_factored_gmr_composition_equals_dense_and_is_bitwise_symmetric() -> None:
+    embed = GMRPatchEmbed(img_size=32, embed_dim=12)
+    kernel = embed.proj.kernel()
+    dense = compose_kernels(embed.proj.convs[0].kernel(), embed.proj.convs[1].kernel())
+    torch.testing.assert_close(kernel, dense, rtol=1e-5, atol=1e-6)
+    for turns in (1, 2, 3):
+        assert torch.equal(torch.rot90(kernel, turns, (-2, -1)), kernel)
+    assert torch.equal(kernel.flip(-1), kernel) and torch.equal(kernel.transpose(-2, -1), kernel)

@@ -200,6 +200,16 @@ class GMRConvNd(nn.Module):
         return ring_basis(self.unique_distances, self.radii.to(self.log_sigma.dtype),
                           self.sigma, support)
 
+    def kernel_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kernel as coefficients times ring images: ``kernel = einsum(W, B)``.
+
+        Returns:
+            ``W``: ``(C_out, C_in / groups, R)`` and ``B``: ``(R, k, ..., k)``. Stacks of GMR
+            layers compose through these small factors instead of the dense kernels.
+        """
+        basis = self._basis().to(self.weight.dtype)[:, self.tap_index]
+        return self.weight, basis.view(self.num_rings, *self.kernel_size)
+
     def _build_kernel(self) -> torch.Tensor:
         profile = self.weight @ self._basis().to(self.weight.dtype)  # (C_out, C_in/g, U)
         kernel = profile[..., self.tap_index]

@@ -14,6 +14,7 @@ Two equivalent, much faster formulations are used here:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -25,7 +26,8 @@ from .gmr_conv import GMRConv2d
 from .kernel_cache import DerivedTensorCache
 
 __all__ = ["ConvStackProjection", "StackedConvPatchEmbed", "GMRPatchEmbed", "ConvPatchEmbed",
-           "compose_kernels", "default_kernel_sizes"]
+           "compose_factored", "compose_kernels", "d4_orbit_representative",
+           "default_kernel_sizes"]
 
 
 def default_kernel_sizes(patch_size: int) -> tuple[int, int]:
@@ -34,26 +36,74 @@ def default_kernel_sizes(patch_size: int) -> tuple[int, int]:
     return first, patch_size - first + 1
 
 
+def _sum_index(first_size: Sequence[int], second_size: Sequence[int]) -> torch.Tensor:
+    """Flat output tap ``a + b`` for every pair (tap ``b`` of second, tap ``a`` of first)."""
+    out_size = [k1 + k2 - 1 for k1, k2 in zip(first_size, second_size)]
+    grids = [torch.arange(k) for k in (*second_size, *first_size)]
+    coords = torch.meshgrid(*grids, indexing="ij")
+    n = len(first_size)
+    index = torch.zeros_like(coords[0])
+    for axis in range(n):
+        index = index * out_size[axis] + coords[axis] + coords[n + axis]
+    return index.flatten()
+
+
 def compose_kernels(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     """Kernel of ``conv(conv(x, first), second)`` (valid, stride 1, cross-correlation).
+
+    ``K(c) = sum_{a + b = c} first(a) second(b)``, summed over the middle channels: every pair
+    of taps is one small matrix product (channels contracted first, which is cheap), then the
+    pairs are summed into their output tap.
 
     Args:
         first: ``(C_mid, C_in, *k1)``.
         second: ``(C_out, C_mid, *k2)``.
 
     Returns:
-        ``(C_out, C_in, *(k1 + k2 - 1))``, the full convolution of the two kernels summed over
-        ``C_mid``.
+        ``(C_out, C_in, *(k1 + k2 - 1))``.
     """
-    spatial = first.dim() - 2
-    conv_fn = (F.conv1d, F.conv2d, F.conv3d)[spatial - 1]
-    k1 = first.shape[2:]
-    weight = first.flip(list(range(2, first.dim()))).transpose(0, 1)
-    return conv_fn(second, weight, padding=tuple(k - 1 for k in k1))
+    k1, k2 = first.shape[2:], second.shape[2:]
+    out_size = [a + b - 1 for a, b in zip(k1, k2)]
+    pairs = torch.einsum("omb,mia->oiba", second.flatten(2), first.flatten(2))
+    index = _sum_index(k1, k2).to(first.device)
+    kernel = pairs.new_zeros(*pairs.shape[:2], math.prod(out_size))
+    kernel = kernel.index_add(2, index, pairs.flatten(2))
+    return kernel.view(*pairs.shape[:2], *out_size)
 
 
 def _dense_kernel(conv: nn.Module) -> torch.Tensor:
     return conv.kernel() if hasattr(conv, "kernel") else conv.weight
+
+
+def compose_factored(factors: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Compose a stack of factored kernels ``K_j = einsum(W_j, B_j)`` (GMR layers).
+
+    Channels are contracted on the small coefficient tensors ``W_j`` (``(C_out, C_in, R_j)``)
+    and the ring images ``B_j`` (``(R_j, *k_j)``) are composed pairwise, so the cost is that of
+    ``R_1 * R_2`` tiny image convolutions plus one ``(C_out * C_in, R_1 R_2) x (R_1 R_2, p^2)``
+    product instead of ``k_1^2 k_2^2`` channel products.
+
+    Returns:
+        ``(C_out, C_in, p, ..., p)``, equal to :func:`compose_kernels` of the dense kernels.
+    """
+    coeffs, basis = factors[0]
+    for next_coeffs, next_basis in factors[1:]:
+        coeffs = torch.einsum("omb,mia->oiba", next_coeffs, coeffs).flatten(2)
+        basis = compose_kernels(basis.unsqueeze(0), next_basis.unsqueeze(1)).flatten(0, 1)
+    return torch.einsum("oir,r...->oi...", coeffs, basis)
+
+
+def d4_orbit_representative(size: int) -> torch.Tensor:
+    """For each tap of a ``size x size`` grid, the smallest flat index in its D4 orbit.
+
+    Gathering a kernel with it (``K.flatten(-2)[..., rep]``) makes taps related by a
+    rotation/flip bitwise equal: a composed kernel of symmetric kernels is symmetric in exact
+    arithmetic, and this removes the rounding that summation order adds.
+    """
+    index = torch.arange(size * size).view(size, size)
+    images = [torch.rot90(index, r, (0, 1)) for r in range(4)]
+    images += [image.transpose(0, 1) for image in images]
+    return torch.stack(images).amin(0).flatten()
 
 
 class ConvStackProjection(nn.Module):
@@ -114,6 +164,9 @@ class ConvStackProjection(nn.Module):
         self.out_channels = embed_dim
         self.patch_size = patch_size
         self.kernel_sizes = kernel_sizes
+        # Ring layers (anything exposing kernel_factors) compose cheaply and symmetrically.
+        self._symmetric = all(hasattr(conv, "kernel_factors") for conv in self.convs)
+        self.register_buffer("_orbit_rep", d4_orbit_representative(patch_size), persistent=False)
         self._kernel_cache = DerivedTensorCache()
 
     @property
@@ -126,6 +179,9 @@ class ConvStackProjection(nn.Module):
         return self.convs[-1].bias
 
     def _compose(self) -> torch.Tensor:
+        if self._symmetric:
+            kernel = compose_factored([conv.kernel_factors() for conv in self.convs])
+            return kernel.flatten(2)[..., self._orbit_rep].view_as(kernel)
         kernel = _dense_kernel(self.convs[0])
         for conv in self.convs[1:]:
             kernel = compose_kernels(kernel, _dense_kernel(conv))
