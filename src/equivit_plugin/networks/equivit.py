@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import torch
 
+from ..layers import StackedConvPatchEmbed
 from ..models import EquiVisionTransformer, model_config
 
 __all__ = ["EquiViT"]
@@ -56,19 +58,18 @@ class EquiViT(EquiVisionTransformer):
         global_pool: str = "token",
         **kwargs: Any,
     ) -> None:
-        if variant in ("equivit", "equivit_ri", "convvit"):
-            kwargs["embed_layer"] = None  # filled below, with the stem's own arguments
         config = model_config(
             variant, size, in_chans=in_channels, num_classes=num_classes,
-            img_size=tuple(img_size) if not isinstance(img_size, int) else img_size,
+            img_size=img_size if isinstance(img_size, int) else tuple(img_size),
             patch_size=patch_size, drop_rate=dropout_rate, drop_path_rate=drop_path_rate,
-            global_pool=global_pool, **{k: v for k, v in kwargs.items() if k != "embed_layer"},
+            global_pool=global_pool, **kwargs,
         )
-        if "embed_layer" in kwargs:
-            stem = config["embed_layer"]
-            config["embed_layer"] = lambda **a: stem(
-                kernel_sizes=kernel_sizes, mid_channels=mid_channels, **a
-            )
+        if issubclass(config["embed_layer"], StackedConvPatchEmbed):
+            config["embed_layer"] = partial(config["embed_layer"], kernel_sizes=kernel_sizes,
+                                            mid_channels=mid_channels)
+        elif kernel_sizes is not None:
+            raise ValueError(f"kernel_sizes={kernel_sizes} needs a stacked stem, "
+                             f"but variant {variant!r} uses a linear patch projection")
         super().__init__(**config)
         self.variant, self.size = variant, size
 
