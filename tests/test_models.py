@@ -88,9 +88,12 @@ def test_state_dict_round_trip_through_create_model_checkpoint_path(tmp_path) ->
     torch.save(model.state_dict(), path)
     loaded = timm.create_model("equivit_tiny_patch16_224", checkpoint_path=str(path),
                                **SMALL).eval()
+    from_file = timm.create_model("equivit_tiny_patch16_224", pretrained=True,
+                                  pretrained_cfg_overlay={"file": str(path)}, **SMALL).eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+        torch.testing.assert_close(from_file(x), model(x), rtol=0, atol=0)
 
 
 def test_load_vit_weights_copies_all_but_the_patch_embedding() -> None:
