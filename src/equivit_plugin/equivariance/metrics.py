@@ -414,7 +414,7 @@ def feature_invariance(model: nn.Module, images: torch.Tensor,
                 outputs = _pooled_and_logits(model, transform(x))
                 for key, out in outputs.items():
                     ref = reference[key]
-                    cos = F.cosine_similarity(out.double(), ref.double(), dim=-1)
+                    cos = F.cosine_similarity(out.double(), ref.double(), dim=-1).clamp(-1, 1)
                     entry = acc.setdefault(key, {}).setdefault(name, {
                         "max_abs_diff": 0.0, "cos_sum": 0.0, "min_cosine": math.inf,
                         "ref_max_abs": 0.0, "count": 0,

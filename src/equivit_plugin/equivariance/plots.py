@@ -74,7 +74,7 @@ def plot_similarity_vs_angle(results: Mapping[str, Mapping[Any, Mapping[str, flo
     """
     if not results:
         raise ValueError("no results to plot")
-    fig = Figure(figsize=(7, 4.5))
+    fig = Figure(figsize=(9, 4.5))
     ax = fig.add_subplot()
     for index, (name, per_angle) in enumerate(results.items()):
         points = sorted((float(angle), stats) for angle, stats in per_angle.items())
@@ -86,7 +86,9 @@ def plot_similarity_vs_angle(results: Mapping[str, Mapping[Any, Mapping[str, flo
                 label=f"{name} min")
     ax.set_xlabel("rotation angle (degrees, counter-clockwise)")
     ax.set_ylabel("token cosine similarity")
+    ax.set_xticks(np.arange(0, 361, 45))
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small")
+    # Outside the axes: the min curves dip anywhere, a legend inside would hide some of them.
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
     return _save(fig, path)
