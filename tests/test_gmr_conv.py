@@ -12,17 +12,10 @@ from torch import nn
 
 import equivit_plugin  # noqa: F401  (registers "gmr" in MONAI's Conv factory)
 from equivit_plugin import GMRConv2d, GMRConv3d
+from equivit_plugin.equivariance import D4_TRANSFORMS
 from equivit_plugin.layers import ring_distances
 
-D4 = {
-    "rot90": lambda t: torch.rot90(t, 1, (-2, -1)),
-    "rot180": lambda t: torch.rot90(t, 2, (-2, -1)),
-    "rot270": lambda t: torch.rot90(t, 3, (-2, -1)),
-    "flip_h": lambda t: t.flip(-1),
-    "flip_v": lambda t: t.flip(-2),
-    "transpose": lambda t: t.transpose(-2, -1),
-    "anti_transpose": lambda t: torch.rot90(t, 1, (-2, -1)).flip(-1).transpose(-2, -1).flip(-1),
-}
+D4 = {name: op for name, op in D4_TRANSFORMS if name != "rot0"}
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 6, 7, 11])

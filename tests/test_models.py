@@ -10,18 +10,11 @@ import torch
 
 import equivit_plugin  # noqa: F401  (registers the models)
 from equivit_plugin import load_vit_weights
+from equivit_plugin.equivariance import D4_TRANSFORMS
 from equivit_plugin.layers import ConvPatchEmbed, GMRPatchEmbed
 from equivit_plugin.networks import EquiViT
 
-D4 = {
-    "rot90": lambda t: torch.rot90(t, 1, (-2, -1)),
-    "rot180": lambda t: torch.rot90(t, 2, (-2, -1)),
-    "rot270": lambda t: torch.rot90(t, 3, (-2, -1)),
-    "flip_h": lambda t: t.flip(-1),
-    "flip_v": lambda t: t.flip(-2),
-    "transpose": lambda t: t.transpose(-2, -1),
-    "rot90_flip": lambda t: torch.rot90(t, 1, (-2, -1)).flip(-1),
-}
+D4 = {name: op for name, op in D4_TRANSFORMS if name != "rot0"}
 SMALL = {"img_size": 64, "depth": 2, "num_classes": 3}
 
 

@@ -141,3 +141,9 @@ def test_factored_gmr_composition_equals_dense_and_is_bitwise_symmetric() -> Non
     for turns in (1, 2, 3):
         assert torch.equal(torch.rot90(kernel, turns, (-2, -1)), kernel)
     assert torch.equal(kernel.flip(-1), kernel) and torch.equal(kernel.transpose(-2, -1), kernel)
+
+
+def test_compose_kernels_traced_path_matches_eager_path() -> None:
+    first, second = torch.randn(4, 3, 5, 5).double(), torch.randn(6, 4, 3, 3).double()
+    traced = torch.jit.trace(compose_kernels, (first, second))
+    torch.testing.assert_close(traced(first, second), compose_kernels(first, second))

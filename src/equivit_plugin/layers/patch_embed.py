@@ -51,9 +51,10 @@ def _sum_index(first_size: Sequence[int], second_size: Sequence[int]) -> torch.T
 def compose_kernels(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     """Kernel of ``conv(conv(x, first), second)`` (valid, stride 1, cross-correlation).
 
-    ``K(c) = sum_{a + b = c} first(a) second(b)``, summed over the middle channels: every pair
-    of taps is one small matrix product (channels contracted first, which is cheap), then the
-    pairs are summed into their output tap.
+    ``K(c) = sum_{a + b = c} first(a) second(b)``, summed over the middle channels. Eagerly,
+    every pair of taps is one small matrix product (channels contracted first, which is the
+    cheap order) and the pairs are summed into their output tap; when tracing (TorchScript,
+    ONNX, which cannot export that scatter) the same sum is written as one convolution.
 
     Args:
         first: ``(C_mid, C_in, *k1)``.
@@ -63,6 +64,10 @@ def compose_kernels(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
         ``(C_out, C_in, *(k1 + k2 - 1))``.
     """
     k1, k2 = first.shape[2:], second.shape[2:]
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        conv_fn = (F.conv1d, F.conv2d, F.conv3d)[len(k1) - 1]
+        weight = first.flip(list(range(2, first.dim()))).transpose(0, 1)
+        return conv_fn(second, weight, padding=tuple(k - 1 for k in k1))
     out_size = [a + b - 1 for a, b in zip(k1, k2)]
     pairs = torch.einsum("omb,mia->oiba", second.flatten(2), first.flatten(2))
     index = _sum_index(k1, k2).to(first.device)
