@@ -25,13 +25,13 @@ Results go to stdout (markdown) and to ``--out`` as ``throughput_<device>.json``
 
 Commands, from the repository root::
 
-    # CPU, fp32 eager, batch 32, all cores (a few minutes on 2 cores)
+    # CPU, fp32 eager, batch 32, all cores (about 10 minutes on 2 cores)
     .venv/bin/python benchmarks/throughput.py
     # CPU smoke runs (the second exercises the GPU code path: compile, channels-last, autocast)
     .venv/bin/python benchmarks/throughput.py --quick
     .venv/bin/python benchmarks/throughput.py --quick --compile --channels-last --amp bf16
     # GPU, full comparison: bf16 autocast, channels-last, torch.compile, batch 128
-    # (tiny and small; well under 8 minutes on one H100)
+    # (tiny and small; sized to finish within 8 minutes on one H100)
     .venv/bin/python benchmarks/throughput.py --device cuda
     # GPU, base too / fp32 eager
     .venv/bin/python benchmarks/throughput.py --device cuda --sizes tiny small base
@@ -39,9 +39,12 @@ Commands, from the repository root::
 
 ``--compile`` compiles the 12 transformer blocks of each model (``--compile-scope blocks``, the
 default: the blocks of all models of one size share one compiled graph, so the first model of
-a size carries the compile time) and each embedding whole; ``--compile-scope model`` compiles
-every whole network instead (one cold compile per model and mode: on a GPU this may take longer
-than the 8-minute budget).
+a size carries the compile time; patch embedding, position embedding and head run eager) and
+each embedding of the embedding-alone benchmark whole; ``--compile-scope model`` compiles every
+whole network instead (one cold compile per model and mode: on a GPU this may take longer than
+the 8-minute budget). With ``--amp none`` on CUDA, TF32 is switched off (true float32).
+On a CPU without native bf16 (AVX2 only), ``--amp bf16`` runs eager convolutions through a slow
+fallback: such numbers exercise the code path, they say nothing about speed.
 """
 
 from __future__ import annotations
@@ -62,6 +65,8 @@ from typing import Any
 
 import timm
 import torch
+import torch._dynamo
+import torch._dynamo.utils
 import torch.nn.functional as F
 from timm.layers import PatchEmbed
 from torch import nn
@@ -98,7 +103,7 @@ CHECK_ROWS = 8  # images of the benchmark batch compared against the CPU referen
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULTS = {  # device type -> defaults of the options left unset
-    "cpu": {"batch_size": 32, "warmup": 2, "repeats": 5, "iters": 1,
+    "cpu": {"batch_size": 32, "warmup": 1, "repeats": 5, "iters": 1,
             "amp": "none", "channels_last": False, "compile": False},
     "cuda": {"batch_size": 128, "warmup": 3, "repeats": 10, "iters": 10,
              "amp": "bf16", "channels_last": True, "compile": True},
@@ -209,7 +214,8 @@ def configure_torch(settings: Settings) -> dict[str, Any]:
     torch.set_num_threads(settings.threads)
     state: dict[str, Any] = {"num_threads": torch.get_num_threads()}
     if settings.torch_device.type == "cuda":
-        torch.cuda.set_device(settings.torch_device)
+        if settings.torch_device.index is not None:
+            torch.cuda.set_device(settings.torch_device)
         torch.backends.cudnn.benchmark = True
         # fp32 means fp32: no TF32, so the 1e-3 check against CPU float32 is meaningful.
         tf32 = settings.amp != "none"
@@ -219,9 +225,19 @@ def configure_torch(settings: Settings) -> dict[str, Any]:
     if settings.compile:
         # Every compiled module shares the code object of nn.Module._call_impl: give the
         # per-size, per-mode graphs room before dynamo falls back to eager.
-        torch._dynamo.config.recompile_limit = 256
-        torch._dynamo.config.accumulated_recompile_limit = 4096
+        config = torch._dynamo.config
+        for name, value in (("recompile_limit", 256), ("cache_size_limit", 256),
+                            ("accumulated_recompile_limit", 4096),
+                            ("accumulated_cache_size_limit", 4096)):
+            if hasattr(config, name):
+                setattr(config, name, value)
     return state
+
+
+def compile_stats() -> dict[str, int]:
+    """Dynamo's counters: graphs compiled, frames traced (shared graphs show up here)."""
+    stats = torch._dynamo.utils.counters["stats"]
+    return {name: int(stats[name]) for name in ("unique_graphs", "calls_captured")}
 
 
 # --------------------------------------------------------------------------- machine info
@@ -552,7 +568,9 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def fmt_rate(timing: dict[str, Any]) -> str:
-    return f"{timing['median_img_s']:.1f} ±{100 * timing['spread']:.0f}%"
+    rate = timing["median_img_s"]
+    digits = f"{rate:.0f}" if rate >= 100 else f"{rate:.1f}" if rate >= 1 else f"{rate:.3g}"
+    return f"{digits} ±{100 * timing['spread']:.0f}%"
 
 
 def first_calls(entry: dict[str, Any]) -> str:
@@ -623,6 +641,8 @@ def render_markdown(report: dict[str, Any]) -> str:
                      for size, res in report["results"].items())
     lines += ["", f"Per-patch vs composed embedding, whole model, CPU float32 max abs diff: "
               f"{gaps}. Wall time {report['wall_s']:.0f}s.", ""]
+    if report["compile_stats"]:
+        lines[-1:-1] = [f"Dynamo: {report['compile_stats']['unique_graphs']} graphs compiled."]
     return "\n".join(lines)
 
 
@@ -633,6 +653,7 @@ def write_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -652,6 +673,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "settings": {**asdict(settings), "torch": torch_state},
         "results": results,
         "targets": targets(results),
+        "compile_stats": compile_stats() if settings.compile else None,
         "wall_s": time.perf_counter() - _START,
     }
     markdown = render_markdown(report)
