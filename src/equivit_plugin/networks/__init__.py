@@ -7,9 +7,9 @@ After ``import equivit_plugin``, ``monai.networks.layers.Conv["gmr", 2]`` is ``G
 from monai.networks.layers.factories import Conv
 
 from ..layers import GMRConv1d, GMRConv2d, GMRConv3d
-from .equivit import EquiViT
+from .equivit import EquiViT, create_network
 
-__all__ = ["EquiViT", "register_monai_layers"]
+__all__ = ["EquiViT", "create_network", "register_monai_layers"]
 
 
 def _gmr_factory(dim: int) -> type:

@@ -11,7 +11,7 @@ import torch
 from ..layers import StackedConvPatchEmbed
 from ..models import EquiVisionTransformer, model_config
 
-__all__ = ["EquiViT"]
+__all__ = ["EquiViT", "create_network"]
 
 
 class EquiViT(EquiVisionTransformer):
@@ -76,3 +76,19 @@ class EquiViT(EquiVisionTransformer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W) -> (B, K)`` logits."""
         return super().forward(x)
+
+
+def create_network(model_name: str, num_classes: int, in_channels: int = 3,
+                   img_size: int = 224, **kwargs: Any) -> torch.nn.Module:
+    """Any registered timm model (``equivit_*``, ``equivit_ri_*``, ``convvit_*``, ``vit_*``...)
+    from MONAI-style arguments, with the Equi-ViT family registered first.
+
+    Shapes:
+        ``(B, in_channels, img_size, img_size) -> (B, num_classes)``.
+    """
+    import timm
+
+    import equivit_plugin  # noqa: F401  (registers the models in timm)
+
+    return timm.create_model(model_name, num_classes=num_classes, in_chans=in_channels,
+                             img_size=img_size, **kwargs)
