@@ -200,6 +200,18 @@ def test_evaluate_rotation_invariant_model_agrees_on_d4(tmp_path: Path, tiles: P
     assert len(set(result["predictions"]["rotation"][0])) > 1
 
 
+def test_evaluate_validation_part_uses_the_training_split(tmp_path: Path, tiles: Path) -> None:
+    from equivit_plugin.bundle.data import datalist
+
+    ckpt = _checkpoint(tmp_path / "ri.pt", INVARIANT[0], CLASSES)
+    out = tmp_path / "eval"
+    _run(EVALUATE, ckpt_path=str(ckpt), dataset_dir=str(tiles), output_dir=str(out),
+         batch_size=5, angles=[0, 90], d4=False, part="val", val_fraction=0.34)
+    result = json.loads((out / "rotation_eval.json").read_text())
+    expected = datalist(str(tiles), part="val", val_fraction=0.34, class_names=CLASSES)
+    assert 0 < result["num_images"] == len(expected) < 9
+
+
 def test_evaluate_unknown_class_folder_is_a_clear_error(tmp_path: Path, shared_data: Path) -> None:
     ckpt = _checkpoint(tmp_path / "model.pt", INVARIANT[0], CLASSES)
     data = _dataset(tmp_path / "data", shared_data, ["ADI", "LYM", "STROMA_X"], per_class=1)
