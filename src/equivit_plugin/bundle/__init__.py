@@ -1,6 +1,10 @@
-"""MONAI bundle support: the data layer that ``monai_bundle/configs/*.json`` call via ``_target_``.
+"""MONAI bundle support: what ``monai_bundle/configs/*.json`` call via ``_target_``.
 
-See :mod:`equivit_plugin.bundle.data` for tile discovery, splits and transforms.
+- :mod:`~equivit_plugin.bundle.data`: tile discovery, group-aware splits, MONAI transforms;
+- :mod:`~equivit_plugin.bundle.training`: atomic best/last checkpoints, resume, metrics JSON,
+  warm-up cosine schedule, distributed helpers;
+- :mod:`~equivit_plugin.bundle.evaluation`: accuracy under rotation (JSON, polar plot);
+- :mod:`~equivit_plugin.bundle.inference`: prediction CSV, demo tiles from TIAToolbox's image.
 """
 
 from .data import (
