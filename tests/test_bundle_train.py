@@ -178,6 +178,8 @@ def test_train_writes_self_describing_checkpoint_and_metrics(trained: Path) -> N
     assert set(state) == {"network", "optimizer", "lr_scheduler", "best", "metrics", "trainer"}
     assert state["trainer"]["iteration"] == ITERS_PER_EPOCH
     assert not [p for p in (trained / "models").iterdir() if p.name.endswith(".tmp")]
+    events = list((trained / "logs" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and all(e.stat().st_size > 0 for e in events), "no TensorBoard events written"
 
 
 def test_resume_continues_from_the_saved_epoch(trained: Path, tiny_data: Path, tmp_path: Path,
