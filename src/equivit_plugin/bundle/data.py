@@ -45,6 +45,7 @@ from monai.transforms import (
     ScaleIntensityRanged,
 )
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -66,8 +67,8 @@ logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES: tuple[str, ...] = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 """Tile file suffixes, compared case-insensitively."""
 
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+IMAGENET_MEAN: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN
+IMAGENET_STD: tuple[float, float, float] = IMAGENET_DEFAULT_STD
 
 MANIFEST_NAME = "MANIFEST.csv"
 _MANIFEST_PATH_COLUMNS = ("file", "path", "image", "filename")

@@ -33,15 +33,14 @@ import numpy as np
 import torch
 from tiatoolbox.models.engine.io_config import IOPatchPredictorConfig
 from tiatoolbox.models.models_abc import ModelABC
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
-
-from equivit_plugin.bundle.data import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["EquiViTClassifier", "EquiViTEncoder", "FeatureBatch", "make_ioconfig",
            "preprocess_tile"]
 
-_MEAN = np.asarray(IMAGENET_MEAN, dtype=np.float32)
-_STD = np.asarray(IMAGENET_STD, dtype=np.float32)
+_MEAN = np.asarray(IMAGENET_DEFAULT_MEAN, dtype=np.float32)
+_STD = np.asarray(IMAGENET_DEFAULT_STD, dtype=np.float32)
 _AUTOCAST = {None: None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
              "fp16": torch.float16, "float16": torch.float16}
 
