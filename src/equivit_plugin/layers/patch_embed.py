@@ -14,6 +14,7 @@ Two equivalent, much faster formulations are used here:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -36,8 +37,13 @@ def default_kernel_sizes(patch_size: int) -> tuple[int, int]:
     return first, patch_size - first + 1
 
 
-def _sum_index(first_size: Sequence[int], second_size: Sequence[int]) -> torch.Tensor:
-    """Flat output tap ``a + b`` for every pair (tap ``b`` of second, tap ``a`` of first)."""
+@functools.lru_cache(maxsize=32)
+def _sum_index(first_size: tuple[int, ...], second_size: tuple[int, ...]) -> torch.Tensor:
+    """Flat output tap ``a + b`` for every pair (tap ``b`` of second, tap ``a`` of first).
+
+    Depends only on the sizes, so it is built once per pair of sizes (composition runs every
+    training step).
+    """
     out_size = [k1 + k2 - 1 for k1, k2 in zip(first_size, second_size)]
     grids = [torch.arange(k) for k in (*second_size, *first_size)]
     coords = torch.meshgrid(*grids, indexing="ij")
@@ -70,7 +76,7 @@ def compose_kernels(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
         return conv_fn(second, weight, padding=tuple(k - 1 for k in k1))
     out_size = [a + b - 1 for a, b in zip(k1, k2)]
     pairs = torch.einsum("omb,mia->oiba", second.flatten(2), first.flatten(2))
-    index = _sum_index(k1, k2).to(first.device)
+    index = _sum_index(tuple(k1), tuple(k2)).to(first.device)
     kernel = pairs.new_zeros(*pairs.shape[:2], math.prod(out_size))
     kernel = kernel.index_add(2, index, pairs.flatten(2))
     return kernel.view(*pairs.shape[:2], *out_size)
