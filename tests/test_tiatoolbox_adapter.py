@@ -40,7 +40,7 @@ def uint8_tiles(shared_data: Path) -> np.ndarray:
 @pytest.fixture(scope="module")
 def classifier() -> EquiViTClassifier:
     torch.manual_seed(1)
-    return EquiViTClassifier.from_name(TINY, 3, depth=1)
+    return EquiViTClassifier.from_name(TINY, 3, class_names=["ADI", "BACK", "DEB"], depth=1)
 
 
 @pytest.fixture(scope="module")
@@ -124,46 +124,140 @@ def test_feature_batch_serves_both_engine_reads() -> None:
     np.testing.assert_array_equal(np.asarray(batch), array)
 
 
-def test_feature_extractor_wsi_mode_on_real_slide(encoder: EquiViTEncoder, shared_data: Path,
+SLIDE_MPP = 0.5  # make_ioconfig()'s read resolution: the engine's coordinates live there
+
+
+@pytest.fixture(scope="module")
+def slide(shared_data: Path) -> Path:
+    return shared_data / "slides" / "CMU-1-Small-Region.svs"
+
+
+@pytest.fixture(scope="module")
+def tissue_boxes(slide: Path) -> np.ndarray:
+    """Independent count of tissue patches: the 224-px grid at 0.5 mpp, kept where the
+    slide's own tissue mask (``WSIReader.tissue_mask`` at 1.25x) has any pixel."""
+    reader = WSIReader.open(slide)
+    width, height = reader.slide_dimensions(resolution=SLIDE_MPP, units="mpp")
+    mask = reader.tissue_mask(resolution=1.25, units="power").img
+    sy, sx = mask.shape[0] / height, mask.shape[1] / width
+    boxes = [(x, y, x + 224, y + 224) for y in range(0, height, 224) for x in range(0, width, 224)
+             if mask[int(y * sy):int(min(y + 224, height) * sy),
+                     int(x * sx):int(min(x + 224, width) * sx)].any()]
+    return np.asarray(boxes)
+
+
+def _read_tiles(slide: Path, boxes: np.ndarray) -> torch.Tensor:
+    """The engine's patches re-read with WSIReader, normalised, ``(N, 3, 224, 224)``."""
+    reader = WSIReader.open(slide)
+    tiles = np.stack([reader.read_bounds(tuple(int(v) for v in box), resolution=SLIDE_MPP,
+                                         units="mpp", pad_constant_values=255,
+                                         coord_space="resolution") for box in boxes])
+    assert tiles.shape == (len(boxes), 224, 224, 3)
+    return torch.from_numpy(np.stack([preprocess_tile(t) for t in tiles])).permute(0, 3, 1, 2)
+
+
+def _sorted(boxes: np.ndarray) -> np.ndarray:
+    return np.asarray(sorted(map(tuple, np.asarray(boxes).tolist())))
+
+
+def test_feature_extractor_wsi_mode_on_real_slide(encoder: EquiViTEncoder, slide: Path,
+                                                  tissue_boxes: np.ndarray,
                                                   tmp_path: Path) -> None:
-    slide = shared_data / "slides" / "CMU-1-Small-Region.svs"
+    import zarr
+
     result = DeepFeatureExtractor(model=encoder, batch_size=16).run(
         images=[slide], patch_mode=False, ioconfig=make_ioconfig(), save_dir=tmp_path / "out",
         output_type="zarr", auto_get_mask=True)
-    import zarr
-
     group = zarr.open(str(result[slide]), mode="r")
     features, coords = np.asarray(group["features"]), np.asarray(group["coordinates"])
-    assert features.ndim == 2 and features.shape[1] == 192
-    assert coords.shape == (features.shape[0], 4)
-    reader = WSIReader.open(slide)
-    width, height = reader.slide_dimensions(resolution=0, units="level")
-    # a grid of non-overlapping patches over the slide; the tissue mask keeps only some
-    patch_w = np.median(coords[:, 2] - coords[:, 0])
-    patch_h = np.median(coords[:, 3] - coords[:, 1])
-    grid = int(np.ceil(width / patch_w) * np.ceil(height / patch_h))
-    assert 0 < features.shape[0] < grid
-    assert len({tuple(c) for c in coords[:, :2].tolist()}) == len(coords)
+    assert features.shape == (len(tissue_boxes), 192)
+    assert coords.shape == (len(tissue_boxes), 4)
+    np.testing.assert_array_equal(_sorted(coords), _sorted(tissue_boxes))
+    width, height = WSIReader.open(slide).slide_dimensions(resolution=SLIDE_MPP, units="mpp")
     assert (coords[:, :2] >= 0).all() and (coords[:, 0] < width).all() \
         and (coords[:, 1] < height).all()
-    assert np.isfinite(features).all()
-    # same tiles read with WSIReader (coordinates back from baseline to 0.5 mpp), direct pass
-    scale = 0.5 / np.asarray(reader.info.mpp, dtype=float)
-    pick = np.linspace(0, len(coords) - 1, 4).astype(int)
-    tiles = np.stack([
-        reader.read_bounds(_box(np.round(coords[i, :2] / scale).astype(int)),
-                           resolution=0.5, units="mpp", pad_constant_values=255,
-                           coord_space="resolution")
-        for i in pick])
-    assert tiles.shape == (4, 224, 224, 3)
-    batch = torch.from_numpy(np.stack([preprocess_tile(t) for t in tiles])).permute(0, 3, 1, 2)
-    direct = _direct_features(encoder.net, batch)
-    # first patch (origin 0 round-trips exactly) matches to 1e-5; later ones differ by the
-    # baseline->0.5 mpp coordinate rounding (sub-pixel shift), so compare by cosine
-    np.testing.assert_allclose(features[pick[0]], direct[0], atol=1e-5)
-    cos = (features[pick] * direct).sum(-1) / (
-        np.linalg.norm(features[pick], axis=-1) * np.linalg.norm(direct, axis=-1))
-    assert cos.min() > 0.99
+    # every patch equals a direct forward pass on the same tile read with WSIReader
+    np.testing.assert_allclose(features, _direct_features(encoder.net, _read_tiles(slide, coords)),
+                               atol=1e-5)
+
+
+def test_patch_predictor_wsi_mode_zarr_and_annotationstore(classifier: EquiViTClassifier,
+                                                           slide: Path,
+                                                           tissue_boxes: np.ndarray,
+                                                           tmp_path: Path) -> None:
+    import zarr
+    from tiatoolbox.annotation.storage import SQLiteStore
+
+    engine = PatchPredictor(model=classifier, batch_size=32)
+    zarr_out = engine.run(images=[slide], patch_mode=False, ioconfig=make_ioconfig(),
+                          save_dir=tmp_path / "zarr", output_type="zarr",
+                          return_probabilities=True)
+    group = zarr.open(str(zarr_out[slide]), mode="r")
+    probs, coords = np.asarray(group["probabilities"]), np.asarray(group["coordinates"])
+    assert probs.shape == (len(tissue_boxes), 3)
+    np.testing.assert_array_equal(_sorted(coords), _sorted(tissue_boxes))
+    with torch.no_grad():
+        expected = torch.softmax(classifier.net(_read_tiles(slide, coords)), -1).numpy()
+    np.testing.assert_allclose(probs, expected, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(group["predictions"]), expected.argmax(-1))
+
+    store_out = PatchPredictor(model=classifier, batch_size=32).run(
+        images=[slide], patch_mode=False, ioconfig=make_ioconfig(),
+        save_dir=tmp_path / "store", output_type="annotationstore", return_probabilities=True)
+    store = SQLiteStore(store_out[slide])
+    annotations = list(store.values())
+    assert len(annotations) == len(tissue_boxes)
+    # the store is in baseline pixels: boxes are the 0.5-mpp boxes scaled by 0.5 / 0.499
+    reader = WSIReader.open(slide)
+    scale = SLIDE_MPP / float(reader.info.mpp[0])
+    bounds = np.asarray([a.geometry.bounds for a in annotations])
+    np.testing.assert_allclose(_sorted(bounds), _sorted(tissue_boxes * scale), atol=1e-6)
+    width, height = reader.slide_dimensions(resolution=0, units="level")
+    assert (bounds[:, :2] >= 0).all() and (bounds[:, 0] < width).all() \
+        and (bounds[:, 1] < height).all()
+    # class names from class_dict; probabilities as properties, same as the zarr run
+    by_box = {tuple(np.round(np.asarray(b) / scale).astype(int)[:2]): a.properties
+              for b, a in zip(bounds, annotations)}
+    for box, row in zip(coords, expected):
+        props = by_box[tuple(int(v) for v in box[:2])]
+        assert props["type"] == classifier.class_dict[int(row.argmax())]
+        np.testing.assert_allclose([props[f"prob_{name}"] for name in
+                                    classifier.class_dict.values()], row, atol=1e-5)
+
+
+def test_prediction_overlay_png(classifier: EquiViTClassifier, slide: Path,
+                                tmp_path: Path) -> None:
+    from PIL import Image
+
+    from equivit_plugin.tiatoolbox.overlay import (
+        NOT_ANALYSED,
+        prediction_map,
+        save_prediction_overlay,
+    )
+
+    label_map = prediction_map(np.array([[0, 0, 224, 224], [224, 448, 448, 672]]),
+                               np.array([2, 0]), shape=(100, 60), scale=0.125)
+    assert label_map[0, 0] == 3 and label_map[27, 27] == 3 and label_map[28, 28] == NOT_ANALYSED
+    assert label_map[56, 28] == 1 and label_map[83, 55] == 1 and (label_map == 1).sum() == 28 * 28
+    with pytest.raises(ValueError, match=r"\(N, 4\)"):
+        prediction_map(np.zeros((2, 2)), np.zeros(2), shape=(10, 10), scale=1.0)
+    path = save_prediction_overlay(slide, np.array([[0, 0, 224, 224]]), np.array([1]),
+                                   {0: "a", 1: "b", 2: "c"}, tmp_path / "overlay.png")
+    assert Image.open(path).size[0] > 200
+
+
+def test_example_script_writes_overlay_with_bundle_model(tmp_path: Path, slide: Path) -> None:
+    import importlib.util
+
+    from conftest import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location(
+        "tiatoolbox_overlay", REPO_ROOT / "examples" / "tiatoolbox_overlay.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    path = example.main(["--slide", str(slide), "--out", str(tmp_path / "overlay.png"),
+                         "--model", "equivit_ri_tiny_patch16_224", "--num-classes", "3"])
+    assert path.is_file() and path.stat().st_size > 10_000
 
 
 def test_rotation_through_engine_equivit_ri_vs_vit(uint8_tiles: np.ndarray) -> None:
@@ -221,3 +315,87 @@ def test_checkpoint_class_count_mismatch_is_a_clear_error(tmp_path: Path) -> Non
 def test_infer_batch_rejects_nchw(classifier: EquiViTClassifier) -> None:
     with pytest.raises(ValueError, match="NHWC"):
         EquiViTClassifier.infer_batch(classifier, torch.zeros(2, 3, 224, 224), device="cpu")
+
+
+def test_bundle_model_in_patch_predictor(shared_data: Path) -> None:
+    """The MONAI bundle's committed ``models/model.pt`` (fp16 on disk) plugs in as is."""
+    from conftest import REPO_ROOT
+    from PIL import Image
+
+    from equivit_plugin.models.checkpoint import model_from_checkpoint
+
+    path = REPO_ROOT / "monai_bundle" / "models" / "model.pt"
+    model = EquiViTClassifier.from_checkpoint(path)
+    assert model.class_dict == {0: "lung_aca", 1: "lung_n", 2: "lung_scc"}
+    assert model.model_name == "equivit_ri_tiny_patch16_224"
+    files = sorted((shared_data / "lc25000_lung_train").glob("*/*.jpeg"))[:5]
+    tiles = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+    out = PatchPredictor(model=model, batch_size=4).run(
+        images=tiles, patch_mode=True, ioconfig=make_ioconfig(), return_probabilities=True)
+    net, _ = model_from_checkpoint(path)
+    batch = torch.from_numpy(np.stack([preprocess_tile(t) for t in tiles])).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        expected = torch.softmax(net.eval()(batch), -1).numpy()
+    np.testing.assert_allclose(np.asarray(out["probabilities"]), expected, atol=1e-5)
+
+
+def test_engine_compiled_model_has_no_graph_breaks(monkeypatch: pytest.MonkeyPatch,
+                                                   classifier: EquiViTClassifier,
+                                                   encoder: EquiViTEncoder,
+                                                   uint8_tiles: np.ndarray) -> None:
+    """TIAToolbox compiles the model itself on recent GPUs and hides errors
+    (``suppress_errors``): compile it the same way here, errors on, whole graph required."""
+    import torch._dynamo
+    from tiatoolbox.models.engine import engine_abc
+
+    batch = torch.from_numpy(np.stack([preprocess_tile(t) for t in uint8_tiles[:2]]))
+    batch = batch.permute(0, 3, 1, 2)
+    for model in (classifier, encoder):
+        explanation = torch._dynamo.explain(model)(batch)
+        assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+    compiled = []
+
+    def compile_model(model: torch.nn.Module, *, mode: str = "default") -> torch.nn.Module:
+        compiled.append(torch.compile(model, backend="aot_eager", fullgraph=True))
+        return compiled[-1]
+
+    monkeypatch.setattr(engine_abc, "compile_model", compile_model)
+    with torch._dynamo.config.patch(suppress_errors=False):
+        torch._dynamo.reset()
+        out = PatchPredictor(model=classifier, batch_size=4).run(
+            images=uint8_tiles[:6], patch_mode=True, ioconfig=make_ioconfig(),
+            return_probabilities=True)
+        features = DeepFeatureExtractor(model=encoder, batch_size=4).run(
+            images=uint8_tiles[:6], patch_mode=True, ioconfig=make_ioconfig())["features"]
+    assert len(compiled) == 2  # both engines went through the compiled module
+    batch = torch.from_numpy(np.stack([preprocess_tile(t) for t in uint8_tiles[:6]]))
+    batch = batch.permute(0, 3, 1, 2)
+    with torch.no_grad():
+        expected = torch.softmax(classifier.net(batch), -1).numpy()
+    np.testing.assert_allclose(np.asarray(out["probabilities"]), expected, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(features), _direct_features(encoder.net, batch),
+                               atol=1e-5)
+
+
+def test_autocast_and_channels_last_arguments(uint8_tiles: np.ndarray) -> None:
+    """The GPU options run on CPU too: bf16 autocast close to fp32, channels-last equal."""
+    batch = np.stack([preprocess_tile(t) for t in uint8_tiles[:4]])
+    torch.manual_seed(5)
+    reference = EquiViTEncoder.from_name(TINY, 0, depth=1)
+    state = reference.net.state_dict()
+    expected = EquiViTEncoder.infer_batch(reference, batch, device="cpu")[0]
+    for kwargs in ({"channels_last": True}, {"autocast": "bf16"},
+                   {"autocast": torch.bfloat16, "channels_last": True}):
+        model = EquiViTEncoder.from_name(TINY, 0, depth=1, adapter_kwargs=kwargs)
+        model.net.load_state_dict(state)
+        got = EquiViTEncoder.infer_batch(model, batch, device="cpu")[0]
+        assert got.dtype == np.float32
+        if "autocast" in kwargs:
+            cos = (got * expected).sum(-1) / (np.linalg.norm(got, axis=-1)
+                                              * np.linalg.norm(expected, axis=-1))
+            assert cos.min() > 0.999
+        else:
+            np.testing.assert_allclose(got, expected, atol=1e-5)
+    with pytest.raises(ValueError, match="autocast must be one of"):
+        EquiViTEncoder.from_name(TINY, 0, depth=1, adapter_kwargs={"autocast": "int8"})

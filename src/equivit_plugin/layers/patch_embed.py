@@ -76,7 +76,9 @@ def compose_kernels(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
         return conv_fn(second, weight, padding=tuple(k - 1 for k in k1))
     out_size = [a + b - 1 for a, b in zip(k1, k2)]
     pairs = torch.einsum("omb,mia->oiba", second.flatten(2), first.flatten(2))
-    index = _sum_index(tuple(k1), tuple(k2)).to(first.device)
+    # dynamo traces through the cache anyway (and warns about it): call the plain function
+    sum_index = _sum_index.__wrapped__ if torch.compiler.is_compiling() else _sum_index
+    index = sum_index(tuple(k1), tuple(k2)).to(first.device)
     kernel = pairs.new_zeros(*pairs.shape[:2], math.prod(out_size))
     kernel = kernel.index_add(2, index, pairs.flatten(2))
     return kernel.view(*pairs.shape[:2], *out_size)

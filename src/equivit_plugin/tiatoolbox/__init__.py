@@ -1,4 +1,9 @@
-"""TIAToolbox adapter: Equi-ViT models for ``PatchPredictor`` and ``DeepFeatureExtractor``."""
+"""TIAToolbox adapter: Equi-ViT models for ``PatchPredictor`` and ``DeepFeatureExtractor``.
+
+Importing this door also applies :func:`~equivit_plugin.tiatoolbox.compat.patch_sqlite_store`
+(only on Pythons without loadable SQLite extensions), so ``output_type="annotationstore"``
+works there.
+"""
 
 from equivit_plugin.tiatoolbox.adapter import (
     EquiViTClassifier,
@@ -7,6 +12,9 @@ from equivit_plugin.tiatoolbox.adapter import (
     make_ioconfig,
     preprocess_tile,
 )
+from equivit_plugin.tiatoolbox.compat import patch_sqlite_store
+
+patch_sqlite_store()
 
 __all__ = ["EquiViTClassifier", "EquiViTEncoder", "FeatureBatch", "make_ioconfig",
            "preprocess_tile"]
