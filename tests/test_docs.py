@@ -13,7 +13,7 @@ def python_blocks(page: Path) -> str:
     return "\n".join(re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S))
 
 
-@pytest.mark.parametrize("page", ["tiatoolbox.md"])
+@pytest.mark.parametrize("page", ["tiatoolbox.md", "features.md"])
 def test_python_examples_run(page: str, shared_data: Path, tmp_path: Path,
                              monkeypatch: pytest.MonkeyPatch,
                              capsys: pytest.CaptureFixture[str]) -> None:
@@ -28,3 +28,6 @@ def test_python_examples_run(page: str, shared_data: Path, tmp_path: Path,
     if page == "tiatoolbox.md":
         assert "(4, 3) {0: 'lung_aca'" in printed and "(4, 192)" in printed
         assert namespace["features"].shape == (82, 192) and namespace["boxes"].shape == (82, 4)
+    if page == "features.md":
+        assert namespace["summary"].ok and len(namespace["summary"].done) == 2
+        assert namespace["features"].shape == (78, 192) and namespace["coords"].shape == (78, 2)

@@ -2,6 +2,7 @@
 
 from .checkpoint import (
     atomic_save,
+    is_checkpoint_path,
     load_checkpoint,
     model_from_checkpoint,
     save_checkpoint,
@@ -12,6 +13,7 @@ from .weights import LoadReport, load_vit_weights
 __all__ = [
     "EquiVisionTransformer",
     "atomic_save",
+    "is_checkpoint_path",
     "load_checkpoint",
     "model_from_checkpoint",
     "save_checkpoint",

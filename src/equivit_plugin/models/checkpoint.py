@@ -22,10 +22,18 @@ import timm
 import torch
 from torch import nn
 
-__all__ = ["CHECKPOINT_FORMAT_VERSION", "atomic_save", "load_checkpoint", "model_from_checkpoint",
-           "save_checkpoint"]
+__all__ = ["CHECKPOINT_FORMAT_VERSION", "atomic_save", "is_checkpoint_path", "load_checkpoint",
+           "model_from_checkpoint", "save_checkpoint"]
 
 CHECKPOINT_FORMAT_VERSION = 1
+
+
+def is_checkpoint_path(source: str | Path) -> bool:
+    """Whether a ``--model``-style argument names a checkpoint file rather than a registered
+    model: a ``Path``, a ``.pt``/``.pth`` name (existing or not, so a typo gives "file not
+    found" rather than "unknown model"), or any existing file."""
+    return isinstance(source, Path) or Path(str(source)).suffix in {".pt", ".pth"} \
+        or Path(str(source)).is_file()
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:

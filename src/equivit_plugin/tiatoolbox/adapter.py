@@ -101,11 +101,6 @@ class FeatureBatch:
         return f"FeatureBatch(shape={self.shape}, dtype={self.dtype})"
 
 
-def _is_checkpoint(source: str | Path) -> bool:
-    return isinstance(source, Path) or Path(str(source)).suffix in {".pt", ".pth"} \
-        or Path(str(source)).is_file()
-
-
 def _unwrap(model: nn.Module) -> nn.Module:
     """The adapter under ``DataParallel``/DDP (``.module``) and ``torch.compile``
     (``._orig_mod``) wrappers."""
@@ -180,7 +175,9 @@ class _EquiViTAdapter(ModelABC):
                **kwargs: Any) -> _EquiViTAdapter:
         """``from_checkpoint`` for a path (``.pt``/``.pth`` or an existing file), else
         ``from_name``."""
-        if _is_checkpoint(source):
+        from equivit_plugin.models.checkpoint import is_checkpoint_path
+
+        if is_checkpoint_path(source):
             return cls.from_checkpoint(source, num_classes, **kwargs)
         return cls.from_name(str(source), num_classes or 0, **kwargs)
 
