@@ -52,7 +52,12 @@ Runner = Callable[[], int]
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--slide", type=Path, default=DATA / "slides" / "CMU-1-Small-Region.svs")
+    parser.add_argument("--slides", type=Path, nargs="+",
+                        default=[DATA / "slides" / "CMU-1-Small-Region.svs"])
+    parser.add_argument("--mosaic", action="store_true",
+                        help="also a 4x larger slide (the first slide mirrored 2x2, JPEG-tiled "
+                             "TIFF; see pipeline_memory.py): a cohort of slides, so fixed "
+                             "per-run costs (model build) weigh as they do in real use")
     parser.add_argument("--models", nargs="+",
                         default=["equivit_ri_small_patch16_224", "vit_small_patch16_224"])
     parser.add_argument("--engines", nargs="+", default=["tiatoolbox", "pipeline"],
@@ -75,38 +80,43 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def read_tissue_patches(slide: Path, boxes: np.ndarray) -> torch.Tensor:
-    """The engine's patches, read once with WSIReader and normalised, ``(N, 3, 224, 224)``."""
+def read_tissue_patches(boxes: dict[Path, np.ndarray]) -> torch.Tensor:
+    """The engine's patches of every slide, read once with WSIReader and normalised,
+    ``(N, 3, 224, 224)``."""
     from tiatoolbox.wsicore.wsireader import WSIReader
 
-    reader = WSIReader.open(slide)
-    tiles = [preprocess_tile(reader.read_bounds(tuple(int(v) for v in box), resolution=0.5,
-                                                units="mpp", pad_constant_values=255,
-                                                coord_space="resolution")) for box in boxes]
+    tiles = []
+    for slide, slide_boxes in boxes.items():
+        reader = WSIReader.open(slide)
+        tiles += [preprocess_tile(reader.read_bounds(tuple(int(v) for v in box), resolution=0.5,
+                                                     units="mpp", pad_constant_values=255,
+                                                     coord_space="resolution"))
+                  for box in slide_boxes]
     return torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2).contiguous()
 
 
 def tiatoolbox_runner(encoder: EquiViTEncoder, args: argparse.Namespace,
-                      workdir: Path) -> tuple[Runner, np.ndarray]:
+                      workdir: Path) -> tuple[Runner, dict[Path, np.ndarray]]:
     from tiatoolbox.models.engine.deep_feature_extractor import DeepFeatureExtractor
 
     engine = DeepFeatureExtractor(model=encoder, batch_size=args.batch_size,
                                   num_workers=args.workers, device=args.device)
 
-    def run() -> tuple[int, np.ndarray]:
+    def run() -> tuple[int, dict[Path, np.ndarray]]:
         import zarr
 
         out_dir = workdir / "tiatoolbox"
         shutil.rmtree(out_dir, ignore_errors=True)
-        result = engine.run(images=[args.slide], patch_mode=False, ioconfig=make_ioconfig(),
-                            save_dir=out_dir, output_type="zarr", auto_get_mask=True,
-                            device=args.device)
+        result = engine.run(images=list(args.slides), patch_mode=False,
+                            ioconfig=make_ioconfig(), save_dir=out_dir, output_type="zarr",
+                            auto_get_mask=True, device=args.device)
         synchronize(args.device)
-        coords = np.asarray(zarr.open(str(result[args.slide]), mode="r")["coordinates"])
-        return len(coords), coords
+        boxes = {slide: np.asarray(zarr.open(str(result[slide]), mode="r")["coordinates"])
+                 for slide in args.slides}
+        return sum(len(b) for b in boxes.values()), boxes
 
-    _, coords = run()  # warm-up; also gives the tissue patches for model-only
-    return (lambda: run()[0]), coords
+    _, boxes = run()  # warm-up; also gives the tissue patches for model-only
+    return (lambda: run()[0]), boxes
 
 
 def pipeline_runner(model: str, args: argparse.Namespace, workdir: Path) -> Runner:
@@ -115,7 +125,7 @@ def pipeline_runner(model: str, args: argparse.Namespace, workdir: Path) -> Runn
     def run() -> int:
         out_dir = workdir / "pipeline"
         shutil.rmtree(out_dir, ignore_errors=True)
-        summary = extract_features([args.slide], out_dir, model=model,
+        summary = extract_features(list(args.slides), out_dir, model=model,
                                    batch_size=args.batch_size, workers=args.workers,
                                    device=args.device,
                                    precision="fp32" if args.amp == "none" else args.amp)
@@ -170,9 +180,8 @@ def bench_model(model: str, args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         runners: dict[str, Runner] = {}
-        tia_run, coords = tiatoolbox_runner(encoder, args, workdir)
-        runners["model-only"] = model_only_runner(encoder, read_tissue_patches(args.slide,
-                                                                                coords), args)
+        tia_run, boxes = tiatoolbox_runner(encoder, args, workdir)
+        runners["model-only"] = model_only_runner(encoder, read_tissue_patches(boxes), args)
         if "tiatoolbox" in args.engines:
             runners["tiatoolbox"] = tia_run
         if "pipeline" in args.engines:
@@ -189,8 +198,9 @@ def bench_model(model: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def render(report: dict[str, Any]) -> str:
     s, m = report["settings"], report["machine"]
+    slides = ", ".join(f"`{Path(p).name}`" for p in s["slides"])
     lines = [f"# Slide feature-extraction throughput ({s['device']})", "",
-             f"Slide `{Path(s['slide']).name}`, batch {s['batch_size']}, {s['amp']} autocast, "
+             f"Slides {slides}, batch {s['batch_size']}, {s['amp']} autocast, "
              f"{m['threads']} threads, loader workers {s['workers']}, median of "
              f"{s['repeats']} round-robin rounds; {m['device_name']}, torch {m['torch']}, "
              f"tiatoolbox {m['tiatoolbox']}.", ""]
@@ -203,16 +213,27 @@ def render(report: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    for slide in args.slides:
+        if not slide.is_file():
+            raise SystemExit(f"--slides {slide} not found (set EQUIVIT_DATA or pass --slides)")
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.mosaic:
+            from pipeline_memory import make_slides
+
+            args.slides = [*args.slides, make_slides(args.slides[0], Path(tmp))["4x"]]
+        return run_all(args)
+
+
+def run_all(args: argparse.Namespace) -> int:
     import tiatoolbox
 
-    args = parse_args(argv)
-    if not args.slide.is_file():
-        raise SystemExit(f"--slide {args.slide} not found (set EQUIVIT_DATA or pass --slide)")
     device_name = cpu_model()
     if torch.device(args.device).type == "cuda":
         device_name = torch.cuda.get_device_name(args.device)
     report: dict[str, Any] = {
-        "settings": {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}},
+        "settings": {k: [str(p) for p in v] if k == "slides" else
+                     str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
                     "tiatoolbox": tiatoolbox.__version__,
                     "equivit_plugin": equivit_plugin.__version__, "cpu_model": cpu_model(),
@@ -225,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report["results"][model] = bench_model(model, args)
     markdown = render(report)
     print(markdown)
-    stem = f"slide_throughput_{torch.device(args.device).type}"
+    stem = f"slide_throughput_{torch.device(args.device).type}{'_mosaic' if args.mosaic else ''}"
     write_atomic(args.out / f"{stem}.json", json.dumps(report, indent=2) + "\n")
     write_atomic(args.out / f"{stem}.md", markdown)
     return 0
