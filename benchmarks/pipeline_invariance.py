@@ -15,7 +15,6 @@ the two feature sets (Huh et al. 2024; the measure Elphick et al., arXiv 2412.11
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import cpu_model, table, write_atomic  # noqa: E402
+from throughput import cpu_model, publish, table  # noqa: E402
 
 from equivit_plugin.equivariance import D4_TRANSFORMS, mutual_knn_similarity  # noqa: E402
 from equivit_plugin.features import extract_features, read_features  # noqa: E402
@@ -55,6 +54,23 @@ def transformed(array: np.ndarray, fn: Any) -> np.ndarray:
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+def render(report: dict[str, Any]) -> str:
+    settings, (width, height) = report["settings"], report["image"]
+    rows = [[model, name, str(r["tiles"]), f"{r['cosine_mean']:.7f}", f"{r['cosine_min']:.7f}",
+             f"{r['mutual_knn']:.3f}"]
+            for model, per in report["results"].items() for name, r in per.items()
+            if name != "rot0"]
+    return "\n".join([
+        "# Feature invariance through the extraction pipeline", "",
+        f"`{Path(settings['slide']).name}` at 0.5 um/px cropped to {width}x{height} px, its 8 "
+        f"rotations/flips as PNG slides, `extract_features` (morphological tissue mask, 224-px "
+        f"tiles, random weights, seed 0), tiles matched by source position (tiles the mask kept "
+        f"in only one of the two images are left out); mutual kNN with k = {settings['k']}. "
+        f"{report['cpu']}.", "",
+        *table(["model", "transform", "tiles", "cosine mean", "cosine min", "mutual kNN"], rows),
+        ""])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -107,22 +123,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "mutual_knn": mutual_knn_similarity(a, b, k=args.k),
                 }
                 print(f"{model} {name}: {results[model][name]}", file=sys.stderr)
-    rows = [[model, name, str(r["tiles"]), f"{r['cosine_mean']:.6f}", f"{r['cosine_min']:.6f}",
-             f"{r['mutual_knn']:.3f}"]
-            for model, per in results.items() for name, r in per.items() if name != "rot0"]
-    markdown = "\n".join([
-        "# Feature invariance through the extraction pipeline", "",
-        f"`{args.slide.name}` at 0.5 um/px cropped to {width}x{height} px, its 8 rotations/"
-        f"flips as PNG slides, `extract_features` (morphological tissue mask, {patch}-px tiles, "
-        f"random weights, seed 0), tiles matched by source position; mutual kNN with "
-        f"k = {args.k}. {cpu_model()}.", "",
-        *table(["model", "transform", "tiles", "cosine mean", "cosine min", "mutual kNN"], rows),
-        ""])
-    print(markdown)
     report = {"settings": {k: str(v) for k, v in vars(args).items()}, "image": [width, height],
-              "results": results}
-    write_atomic(args.out / "pipeline_invariance.json", json.dumps(report, indent=2) + "\n")
-    write_atomic(args.out / "pipeline_invariance.md", markdown)
+              "cpu": cpu_model(), "results": results}
+    markdown = render(report)
+    publish(args.out, "pipeline_invariance", report, markdown)
     return 0
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import cpu_model, table, write_atomic  # noqa: E402
+from throughput import cpu_model, publish, table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("EQUIVIT_DATA", ROOT.parent / "shared" / "data"))
@@ -113,9 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         *table(["slide", "patches", "seconds", "main peak MiB", "worker peak MiB"], rows), "",
         f"4x vs 1x: main process {growth:+.1%}, loader workers {worker_growth:+.1%} "
         f"(target <= +10 %: {'met' if report['target_met'] else 'missed'}).", ""])
-    print(markdown)
-    write_atomic(args.out / "pipeline_memory.json", json.dumps(report, indent=2) + "\n")
-    write_atomic(args.out / "pipeline_memory.md", markdown)
+    publish(args.out, "pipeline_memory", report, markdown)
     return 0
 
 

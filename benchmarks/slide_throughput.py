@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import platform
 import shutil
@@ -40,7 +39,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import cpu_count, cpu_model, table, write_atomic  # noqa: E402
+from throughput import cpu_count, cpu_model, publish, table  # noqa: E402
 
 import equivit_plugin  # noqa: E402
 from equivit_plugin.tiatoolbox import EquiViTEncoder, make_ioconfig, preprocess_tile  # noqa: E402
@@ -244,11 +243,8 @@ def run_all(args: argparse.Namespace) -> int:
     for model in args.models:
         log(f"{model}")
         report["results"][model] = bench_model(model, args)
-    markdown = render(report)
-    print(markdown)
     stem = f"slide_throughput_{torch.device(args.device).type}{'_mosaic' if args.mosaic else ''}"
-    write_atomic(args.out / f"{stem}.json", json.dumps(report, indent=2) + "\n")
-    write_atomic(args.out / f"{stem}.md", markdown)
+    publish(args.out, stem, report, render(report))
     return 0
 
 

@@ -661,6 +661,13 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
+def publish(out_dir: Path, stem: str, report: dict[str, Any], markdown: str) -> None:
+    """Print the markdown table; write ``<stem>.json`` and ``<stem>.md`` atomically."""
+    print(markdown)
+    write_atomic(out_dir / f"{stem}.json", json.dumps(report, indent=2) + "\n")
+    write_atomic(out_dir / f"{stem}.md", markdown)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     settings = resolve(parse_args(argv))
     torch_state = configure_torch(settings)
@@ -676,11 +683,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "compile_stats": compile_stats() if settings.compile else None,
         "wall_s": time.perf_counter() - _START,
     }
-    markdown = render_markdown(report)
-    print(markdown)
     out = Path(settings.out)
-    write_atomic(out / f"throughput_{settings.suffix}.json", json.dumps(report, indent=2) + "\n")
-    write_atomic(out / f"throughput_{settings.suffix}.md", markdown)
+    publish(out, f"throughput_{settings.suffix}", report, render_markdown(report))
     log(f"wrote {out / f'throughput_{settings.suffix}'}.{{json,md}}")
     return 0
 
