@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from equivit_plugin import __version__
+from equivit_plugin.equivariance.transforms import D4_TRANSFORMS
 
 from .h5 import FeatureWriter, is_complete, partial_path, read_attrs
 from .slides import SlideError, open_slide, resolve_slides
@@ -93,8 +94,6 @@ class FeatureEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.d4_average:
             return self.embed(x)
-        from equivit_plugin.equivariance.transforms import D4_TRANSFORMS
-
         # One (8B, ...) forward pass rather than 8 small ones keeps the device busy.
         stacked = torch.cat([fn(x) for _, fn in D4_TRANSFORMS])
         return self.embed(stacked).unflatten(0, (len(D4_TRANSFORMS), x.shape[0])).mean(0)

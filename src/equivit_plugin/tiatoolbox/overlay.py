@@ -66,9 +66,6 @@ def save_prediction_overlay(slide: str | Path, coordinates: np.ndarray,
         path: output PNG.
         thumbnail_resolution: thumbnail resolution in the same ``units``.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from tiatoolbox.utils.visualization import overlay_prediction_mask
     from tiatoolbox.wsicore.wsireader import WSIReader
