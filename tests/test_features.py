@@ -25,6 +25,7 @@ from equivit_plugin.cli import main  # noqa: E402
 from equivit_plugin.equivariance import mutual_knn_similarity  # noqa: E402
 from equivit_plugin.features import (  # noqa: E402
     ExtractionConfigError,
+    FeatureWriter,
     NoTissueWarning,
     extract_features,
     read_features,
@@ -348,3 +349,48 @@ def test_resolve_slides_from_files_dirs_globs_and_lists(tmp_path: Path) -> None:
         resolve_slides([folder, tmp_path / "other" / "a.tif"])
     with pytest.raises(ValueError, match="no slides found"):
         resolve_slides(str(tmp_path / "*.ndpi"))
+
+
+@pytest.mark.parametrize(("kwargs", "needle"), [
+    ({"mpp": 0}, "--mpp"),
+    ({"slide_mpp": -1.0}, "--slide-mpp"),
+    ({"tissue_mask": "magic"}, "--tissue-mask"),
+    ({"min_tissue": 1.5}, "--min-tissue"),
+    ({"dtype": "int8"}, "--dtype"),
+    ({"workers": -1}, "--workers"),
+    ({"batch_size": 0}, "--batch-size"),
+    ({"patch_size": 256}, "--patch-size 256"),  # the checkpoint takes 224
+])
+def test_python_api_errors_name_the_argument(kwargs: dict, needle: str, tmp_path: Path,
+                                             he_png: Path, tiny_ckpt: Path) -> None:
+    with pytest.raises(ExtractionConfigError, match=needle):
+        extract_features([he_png], tmp_path / "o", model=tiny_ckpt, **kwargs)
+    assert not list(tmp_path.rglob("*.h5"))
+
+
+def test_cuda_without_a_gpu_and_duplicate_stems_are_config_errors(tmp_path: Path,
+                                                                  he_png: Path) -> None:
+    if not torch.cuda.is_available():
+        with pytest.raises(ExtractionConfigError, match="--device cuda: CUDA is not available"):
+            extract_features([he_png], tmp_path / "o", device="cuda")
+    twin = tmp_path / "other" / he_png.name
+    twin.parent.mkdir()
+    shutil.copy(he_png, twin)
+    with pytest.raises(ExtractionConfigError, match=f"SLIDES: two slides share the name "
+                                                    f"'{he_png.stem}'"):
+        extract_features([he_png, twin], tmp_path / "o")
+
+
+def test_feature_file_errors_name_the_file(tmp_path: Path) -> None:
+    foreign = tmp_path / "foreign.h5"
+    with h5py.File(foreign, "w") as handle:
+        handle["embeddings"] = np.zeros((2, 3))
+    with pytest.raises(ValueError, match=r"foreign\.h5: expected datasets 'features' and"):
+        read_features(foreign)
+    with pytest.raises(FileNotFoundError, match=r"nope\.h5"):
+        read_features(tmp_path / "nope.h5")
+    with FeatureWriter(tmp_path / "w.h5", dim=4) as writer:
+        with pytest.raises(ValueError, match=r"expected \(2, 4\) features, got \(2, 5\)"):
+            writer.append(np.zeros((2, 5)), np.zeros((2, 2)))
+        with pytest.raises(ValueError, match="3 feature rows for 2 coordinates"):
+            writer.append(np.zeros((3, 4)), np.zeros((2, 2)))

@@ -246,7 +246,8 @@ def test_prediction_overlay_png(classifier: EquiViTClassifier, slide: Path,
     assert Image.open(path).size[0] > 200
 
 
-def test_example_script_writes_overlay_with_bundle_model(tmp_path: Path, slide: Path) -> None:
+def _load_example() -> object:
+    """``examples/tiatoolbox_overlay.py`` as a module (it is a script, not in the package)."""
     import importlib.util
 
     from conftest import REPO_ROOT
@@ -255,6 +256,11 @@ def test_example_script_writes_overlay_with_bundle_model(tmp_path: Path, slide: 
         "tiatoolbox_overlay", REPO_ROOT / "examples" / "tiatoolbox_overlay.py")
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
+    return example
+
+
+def test_example_script_writes_overlay_with_bundle_model(tmp_path: Path, slide: Path) -> None:
+    example = _load_example()
     path = example.main(["--slide", str(slide), "--out", str(tmp_path / "overlay.png"),
                          "--model", "equivit_ri_tiny_patch16_224", "--num-classes", "3"])
     assert path.is_file() and path.stat().st_size > 10_000
@@ -399,3 +405,16 @@ def test_autocast_and_channels_last_arguments(uint8_tiles: np.ndarray) -> None:
             np.testing.assert_allclose(got, expected, atol=1e-5)
     with pytest.raises(ValueError, match="autocast must be one of"):
         EquiViTEncoder.from_name(TINY, 0, depth=1, adapter_kwargs={"autocast": "int8"})
+
+
+def test_overlay_and_example_errors_name_the_input(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from equivit_plugin.tiatoolbox.overlay import prediction_map
+
+    with pytest.raises(ValueError, match="3 boxes but 2 predictions"):
+        prediction_map(np.zeros((3, 4)), np.zeros(2), shape=(10, 10), scale=1.0)
+    example = _load_example()
+    with pytest.raises(SystemExit) as exit_:
+        example.main(["--slide", str(tmp_path / "missing.svs")])
+    assert exit_.value.code == 2
+    assert f"--slide {tmp_path / 'missing.svs'} does not exist" in capsys.readouterr().err
