@@ -14,7 +14,7 @@ def test_ruff_is_clean() -> None:
     beside_python = Path(sys.executable).with_name("ruff")
     ruff = str(beside_python) if beside_python.exists() else shutil.which("ruff")
     assert ruff, "ruff is not installed (it is a dev extra)"
-    result = subprocess.run([ruff, "check", "src", "tests", "benchmarks"], cwd=REPO_ROOT,
+    result = subprocess.run([ruff, "check", "."], cwd=REPO_ROOT,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
