@@ -73,7 +73,7 @@ from torch import nn
 
 import equivit_plugin  # noqa: F401  (registers the equivit_* / convvit_* models in timm)
 from equivit_plugin.layers import GMRPatchEmbed
-from equivit_plugin.layers.reference import PerPatchProjection
+from per_patch import PerPatchProjection  # noqa: E402  (beside this script)
 
 Runner = Callable[[], None]
 

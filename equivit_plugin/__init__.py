@@ -1,14 +1,29 @@
 """equivit-plugin: rotation-equivariant vision transformers for MONAI, timm and TIAToolbox.
 
-Importing the package registers the models in timm (``equivit_*``, ``equivit_ri_*``,
-``convvit_*``) and the GMR convolution in MONAI's ``Conv`` factory (``Conv["gmr", 2]``).
+``import equivit_plugin`` is instant: it imports neither torch, timm, MONAI nor TIAToolbox.
+The models are registered in timm (``equivit_*``, ``equivit_ri_*``, ``convvit_*``) as soon as
+timm is imported (see :mod:`equivit_plugin.registration`); the names below and the
+subpackages load on first use. The MONAI door (``import equivit_plugin.networks``) registers
+``monai.networks.layers.Conv["gmr", 2]``; the TIAToolbox door is ``equivit_plugin.tiatoolbox``.
 """
 
-from . import models, networks  # noqa: F401  (registration side effects)
-from .layers import GMRConv1d, GMRConv2d, GMRConv3d, GMRPatchEmbed, RadialPosEmbed
-from .models import EquiVisionTransformer, load_vit_weights
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .registration import register_models_with_timm
 
 __version__ = "0.1.0"
+
+_LAZY_NAMES = {
+    "GMRConv1d": "layers", "GMRConv2d": "layers", "GMRConv3d": "layers",
+    "GMRPatchEmbed": "layers", "RadialPosEmbed": "layers",
+    "EquiVisionTransformer": "models", "ModelInfo": "models", "create_model": "models",
+    "load_model": "models", "load_vit_weights": "models", "pooled_embedding": "models",
+}
+_SUBPACKAGES = ("bundle", "cli", "equivariance", "features", "layers", "models", "networks",
+                "tiatoolbox", "utils")
 
 __all__ = [
     "EquiVisionTransformer",
@@ -16,7 +31,40 @@ __all__ = [
     "GMRConv2d",
     "GMRConv3d",
     "GMRPatchEmbed",
+    "ModelInfo",
     "RadialPosEmbed",
     "__version__",
+    "create_model",
+    "load_model",
     "load_vit_weights",
+    "pooled_embedding",
 ]
+
+if TYPE_CHECKING:
+    from .layers import GMRConv1d, GMRConv2d, GMRConv3d, GMRPatchEmbed, RadialPosEmbed
+    from .models import (
+        EquiVisionTransformer,
+        ModelInfo,
+        create_model,
+        load_model,
+        load_vit_weights,
+        pooled_embedding,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_NAMES:
+        value = getattr(importlib.import_module(f".{_LAZY_NAMES[name]}", __name__), name)
+    elif name in _SUBPACKAGES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY_NAMES, *_SUBPACKAGES})
+
+
+register_models_with_timm()

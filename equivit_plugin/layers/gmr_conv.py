@@ -86,7 +86,9 @@ class GMRConvNd(nn.Module):
         num_rings: number of Gaussian rings ``R``; default ``k // 2 + 1``.
         learn_sigma: learn the per-ring widths (log-parameterised, clamped to
             ``[0.01, 2R]``); otherwise they are a fixed buffer.
-        circular: restrict the support to a disc (see :func:`ring_basis`).
+        disc_support: zero the taps outside the inscribed disc (the published
+            ``force_circular``; see :func:`ring_basis`). Not to be confused with
+            ``padding_mode="circular"``.
 
     Shapes:
         input ``(B, C_in, *spatial)``, output ``(B, C_out, *spatial_out)`` as ``nn.ConvNd``.
@@ -109,7 +111,7 @@ class GMRConvNd(nn.Module):
         padding_mode: str = "zeros",
         num_rings: int | None = None,
         learn_sigma: bool = True,
-        circular: bool = True,
+        disc_support: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -144,7 +146,7 @@ class GMRConvNd(nn.Module):
         self.out_channels = out_channels
         self.groups = groups
         self.padding_mode = padding_mode
-        self.circular = circular
+        self.disc_support = disc_support
         self.num_rings = k // 2 + 1 if num_rings is None else int(num_rings)
         if self.num_rings < 1:
             raise ValueError(f"num_rings must be >= 1, got {num_rings}")
@@ -196,7 +198,7 @@ class GMRConvNd(nn.Module):
 
     def _basis(self) -> torch.Tensor:
         """Ring profiles at the unique tap distances, ``(R, U)``."""
-        support = (self.kernel_size[0] - 1) / 2 + 0.5 if self.circular else None
+        support = (self.kernel_size[0] - 1) / 2 + 0.5 if self.disc_support else None
         return ring_basis(self.unique_distances, self.radii.to(self.log_sigma.dtype),
                           self.sigma, support)
 

@@ -6,61 +6,69 @@ A checkpoint is a ``torch.save`` dict::
      "model_kwargs": {"num_classes": 3, "img_size": 224, ...}, "class_names": [...],
      "format_version": 1, ...extra entries (epoch, metrics)...}
 
-The MONAI bundle writes ``models/model.pt`` in this format; the TIAToolbox adapter and the
-feature pipeline read it, so class names and architecture are never guessed.
+The MONAI bundle writes ``models/model.pt`` in this format;
+:func:`~equivit_plugin.models.load_model` reads it for every door (MONAI, TIAToolbox, the
+feature pipeline), so class names and architecture are never guessed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 from torch import nn
 
-__all__ = ["CHECKPOINT_FORMAT_VERSION", "atomic_save", "is_checkpoint_path", "load_checkpoint",
-           "model_from_checkpoint", "save_checkpoint"]
+from ..utils.atomic import atomic_save
+
+__all__ = ["CHECKPOINT_FORMAT_VERSION", "check_class_names", "file_sha256", "is_checkpoint_path",
+           "load_checkpoint", "save_checkpoint"]
 
 CHECKPOINT_FORMAT_VERSION = 1
 
 
-def is_checkpoint_path(source: str | Path) -> bool:
+def is_checkpoint_path(source: str | os.PathLike) -> bool:
     """Whether a ``--model``-style argument names a checkpoint file rather than a registered
     model: a ``Path``, a ``.pt``/``.pth`` name (existing or not, so a typo gives "file not
     found" rather than "unknown model"), or any existing file."""
-    return isinstance(source, Path) or Path(str(source)).suffix in {".pt", ".pth"} \
+    return isinstance(source, os.PathLike) or Path(str(source)).suffix in {".pt", ".pth"} \
         or Path(str(source)).is_file()
 
 
-def atomic_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` to a temporary file in the same folder, then rename over ``path``.
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file (hex), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
-    A crash mid-write leaves the previous file intact, never a truncated one.
+
+def check_class_names(class_names: Sequence[str] | None, num_classes: int | None,
+                      source: str) -> list[str] | None:
+    """The class names as a list of ``str``, checked against the head size.
+
+    Args:
+        class_names: label names in logit order, or ``None``.
+        num_classes: the head's size ``K`` (``None``: unknown, not checked).
+        source: what the names belong to, for the message (a checkpoint path, a model name).
+
+    Raises:
+        ValueError: ``len(class_names) != num_classes`` (both named).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        # mkstemp creates the file owner-only; give it the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    if class_names is None:
+        return None
+    names = [str(name) for name in class_names]
+    if num_classes is not None and len(names) != int(num_classes):
+        raise ValueError(f"{source}: {len(names)} class names {names} for a "
+                         f"{int(num_classes)}-class head")
+    return names
 
 
-def save_checkpoint(path: str | Path, model: nn.Module, model_name: str,
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, model_name: str,
                     class_names: Sequence[str] | None = None,
                     model_kwargs: Mapping[str, Any] | None = None,
                     half: bool = False, **extra: Any) -> Path:
@@ -81,13 +89,15 @@ def save_checkpoint(path: str | Path, model: nn.Module, model_name: str,
     kwargs = dict(model_kwargs or {})
     if class_names is not None:
         kwargs.setdefault("num_classes", len(class_names))
+        check_class_names(class_names, kwargs["num_classes"], str(path))
     payload = {"format_version": CHECKPOINT_FORMAT_VERSION, "model": state,
                "model_name": model_name, "model_kwargs": kwargs,
                "class_names": list(class_names) if class_names is not None else None, **extra}
     return atomic_save(payload, path)
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(path: str | os.PathLike,
+                    map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint`.
 
     Raises:
@@ -107,35 +117,3 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"'model_name' (written by equivit_plugin.models.save_checkpoint)"
         )
     return payload
-
-
-def model_from_checkpoint(path: str | Path, num_classes: int | None = None,
-                          map_location: str | torch.device = "cpu",
-                          **overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model a checkpoint describes and load its weights.
-
-    Args:
-        path: checkpoint file.
-        num_classes: if given, must match the checkpoint's head (clear error otherwise).
-        map_location: where to load tensors.
-        **overrides: extra ``timm.create_model`` arguments (not architecture-changing).
-
-    Returns:
-        ``(model in eval mode, checkpoint dict without the state dict)``.
-    """
-    import equivit_plugin  # noqa: F401  (registers the models in timm)
-
-    payload = load_checkpoint(path, map_location)
-    kwargs = {**payload.get("model_kwargs", {}), **overrides}
-    saved_classes = kwargs.get("num_classes")
-    if num_classes is not None and saved_classes is not None and num_classes != saved_classes:
-        names = payload.get("class_names")
-        raise ValueError(
-            f"{path} has a {saved_classes}-class head ({names}), but {num_classes} classes "
-            f"were asked for"
-        )
-    model = timm.create_model(payload["model_name"], **kwargs)
-    state = {k: v.float() if v.dtype == torch.float16 else v for k, v in payload["model"].items()}
-    model.load_state_dict(state)
-    info = {k: v for k, v in payload.items() if k != "model"}
-    return model.eval(), info

@@ -1,7 +1,9 @@
 """MONAI door: the ``EquiViT`` network and GMR convolutions in MONAI's ``Conv`` factory.
 
-After ``import equivit_plugin``, ``monai.networks.layers.Conv["gmr", 2]`` is ``GMRConv2d``
-(and ``Conv["gmr", 3]`` is ``GMRConv3d``), so MONAI networks that take a conv type can use it.
+Importing this door (``import equivit_plugin.networks``; the bundle configs do) makes
+``monai.networks.layers.Conv["gmr", 2]`` ``GMRConv2d`` (and ``Conv["gmr", 3]`` ``GMRConv3d``),
+so MONAI networks that take a conv type can use it. ``import equivit_plugin`` alone does not
+import MONAI.
 """
 
 from monai.networks.layers.factories import Conv

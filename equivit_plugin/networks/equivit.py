@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..layers import StackedConvPatchEmbed
-from ..models import EquiVisionTransformer, model_config
+from ..models import EquiVisionTransformer, create_model, model_config
 
 __all__ = ["EquiViT", "create_network"]
 
@@ -81,14 +81,10 @@ class EquiViT(EquiVisionTransformer):
 def create_network(model_name: str, num_classes: int, in_channels: int = 3,
                    img_size: int = 224, **kwargs: Any) -> torch.nn.Module:
     """Any registered timm model (``equivit_*``, ``equivit_ri_*``, ``convvit_*``, ``vit_*``...)
-    from MONAI-style arguments, with the Equi-ViT family registered first.
+    from MONAI-style arguments (:func:`equivit_plugin.models.create_model`).
 
     Shapes:
         ``(B, in_channels, img_size, img_size) -> (B, num_classes)``.
     """
-    import timm
-
-    import equivit_plugin  # noqa: F401  (registers the models in timm)
-
-    return timm.create_model(model_name, num_classes=num_classes, in_chans=in_channels,
-                             img_size=img_size, **kwargs)
+    return create_model(model_name, num_classes, img_size=img_size, in_chans=in_channels,
+                        **kwargs)

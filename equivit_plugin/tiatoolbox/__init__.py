@@ -5,16 +5,14 @@ Importing this door also applies :func:`~equivit_plugin.tiatoolbox.compat.patch_
 works there.
 """
 
-from equivit_plugin.tiatoolbox.adapter import (
+from .adapter import (
     EquiViTClassifier,
     EquiViTEncoder,
     FeatureBatch,
     make_ioconfig,
-    preprocess_tile,
 )
-from equivit_plugin.tiatoolbox.compat import patch_sqlite_store
+from .compat import patch_sqlite_store
 
 patch_sqlite_store()
 
-__all__ = ["EquiViTClassifier", "EquiViTEncoder", "FeatureBatch", "make_ioconfig",
-           "preprocess_tile"]
+__all__ = ["EquiViTClassifier", "EquiViTEncoder", "FeatureBatch", "make_ioconfig"]

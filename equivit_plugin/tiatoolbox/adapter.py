@@ -16,33 +16,27 @@ Engine quirks handled here (tiatoolbox 2.1.3):
 
 * a custom model gets no default ioconfig: pass ``ioconfig=make_ioconfig()`` (also kept on
   the adapter as ``.ioconfig``) or ``patch_input_shape`` + ``input_resolutions`` to ``run``;
-* in patch mode the engine wraps ``infer_batch``'s return with ``da.from_array``, while
-  ``DeepFeatureExtractor`` in WSI mode reads ``batch_output[0]``: the encoder returns a
-  :class:`FeatureBatch`, which is the ``(B, D)`` array for the first and a one-output
-  sequence for the second (a plain array would silently give ``(D,)`` rows in WSI mode).
+* the two engines read ``infer_batch``'s return differently (see :class:`FeatureBatch`):
+  the encoder returns one object that satisfies both.
 """
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from tiatoolbox.models.engine.io_config import IOPatchPredictorConfig
 from tiatoolbox.models.models_abc import ModelABC
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
-__all__ = ["EquiViTClassifier", "EquiViTEncoder", "FeatureBatch", "make_ioconfig",
-           "preprocess_tile"]
+from ..models import ModelInfo, is_checkpoint_path, load_model, normalise_tile, pooled_embedding
+from ..utils.precision import autocast_dtype, canonical_precision
 
-_MEAN = np.asarray(IMAGENET_DEFAULT_MEAN, dtype=np.float32)
-_STD = np.asarray(IMAGENET_DEFAULT_STD, dtype=np.float32)
-_AUTOCAST = {None: None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-             "fp16": torch.float16, "float16": torch.float16}
+__all__ = ["EquiViTClassifier", "EquiViTEncoder", "FeatureBatch", "make_ioconfig"]
 
 
 def make_ioconfig(patch_size: int = 224, resolution: float = 0.5, units: str = "mpp",
@@ -58,23 +52,19 @@ def make_ioconfig(patch_size: int = 224, resolution: float = 0.5, units: str = "
         patch_input_shape=(patch_size, patch_size), stride_shape=(stride, stride))
 
 
-def preprocess_tile(image: np.ndarray) -> np.ndarray:
-    """``(H, W, 3)`` 0-255 tile (uint8) -> float32 ``(H, W, 3)``: ``/255`` then ImageNet
-    mean/std, as the models were trained (``bundle.data``). Channels stay last: the engine
-    collates HWC and ``infer_batch`` transposes."""
-    image = np.asarray(image)
-    if image.ndim != 3 or image.shape[-1] != 3:
-        raise ValueError(f"expected an (H, W, 3) RGB tile, got shape {image.shape}")
-    return ((image.astype(np.float32) / 255.0 - _MEAN) / _STD).astype(np.float32)
-
-
 class FeatureBatch:
-    """A ``(B, D)`` batch of features that satisfies both of TIAToolbox's reads.
+    """A ``(B, D)`` batch of features that satisfies both of TIAToolbox's reads of
+    ``infer_batch``'s return (tiatoolbox 2.1.x):
 
-    Patch mode wraps it with ``da.from_array`` (array protocol: ``shape``, ``dtype``, slicing
-    with tuples of slices); ``DeepFeatureExtractor.infer_wsi`` takes ``batch_output[0]``
-    (integer ``0`` gives the whole array, as for a one-output list). Any other index goes to
-    the array.
+    * patch mode (``EngineABC.infer_patches``) wraps it with ``da.from_array``: it is an
+      array (``shape``, ``dtype``, ``__array__``, slicing with slices or tuples of slices);
+    * WSI mode (``DeepFeatureExtractor.infer_wsi``) treats it as the list of a model's outputs
+      and takes output ``[0]``: integer index ``0`` is the one output, the whole ``(B, D)``
+      batch.
+
+    So an integer index means "output number", never "row": ``[0]`` is the batch and any other
+    integer raises ``IndexError`` (a plain array would silently give ``(D,)`` rows in WSI
+    mode). Use ``.array[i]`` or slices for rows.
     """
 
     def __init__(self, array: np.ndarray) -> None:
@@ -87,8 +77,11 @@ class FeatureBatch:
     nbytes = property(lambda self: self.array.nbytes)
 
     def __getitem__(self, key: Any) -> np.ndarray:
-        if isinstance(key, int) and not isinstance(key, bool) and key == 0:
-            return self.array
+        if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+            if key == 0:
+                return self.array
+            raise IndexError(f"FeatureBatch has one output (index 0, the whole {self.shape} "
+                             f"batch), got index {key}; use .array[{key}] for a row")
         return self.array[key]
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
@@ -111,26 +104,29 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 class _EquiViTAdapter(ModelABC):
-    """Shared construction and ``infer_batch`` for the classifier and the encoder."""
+    """Shared construction and ``infer_batch`` for the classifier and the encoder.
 
-    def __init__(self, net: nn.Module, *, model_name: str | None = None,
-                 class_names: Sequence[str] | None = None, img_size: int = 224,
+    Args:
+        net: a timm model (``forward_features``/``forward_head``).
+        info: what describes it (:func:`equivit_plugin.models.load_model`).
+        autocast: ``None``/``"fp32"``, ``"bf16"`` or ``"fp16"`` (or a ``torch.dtype``): the
+            forward pass runs under ``torch.autocast`` with that dtype.
+        channels_last: run in channels-last memory format.
+        non_blocking: pinned, asynchronous host-to-device copies on CUDA.
+    """
+
+    def __init__(self, net: nn.Module, info: ModelInfo, *,
                  autocast: str | torch.dtype | None = None, channels_last: bool = False,
                  non_blocking: bool = True) -> None:
         super().__init__()
         self.net = net.eval()
-        self.model_name = model_name
-        self.class_names = list(class_names) if class_names is not None else None
-        self.class_dict = (dict(enumerate(self.class_names))
-                           if self.class_names is not None else None)
-        self.img_size = img_size
-        self.ioconfig = make_ioconfig(img_size)
-        if isinstance(autocast, str) or autocast is None:
-            if autocast not in _AUTOCAST:
-                raise ValueError(f"autocast must be one of {sorted(k for k in _AUTOCAST if k)} "
-                                 f"or None, got {autocast!r}")
-            autocast = _AUTOCAST[autocast]
-        self.autocast_dtype = autocast
+        self.info = info
+        self.model_name = info.name
+        self.class_names = list(info.class_names) if info.class_names is not None else None
+        self.class_dict = info.class_dict
+        self.img_size = info.img_size
+        self.ioconfig = make_ioconfig(info.img_size)
+        self.autocast_dtype = autocast_dtype(canonical_precision(autocast, "autocast"))
         self.channels_last = channels_last
         self.non_blocking = non_blocking
         if channels_last:
@@ -138,54 +134,61 @@ class _EquiViTAdapter(ModelABC):
 
     # -- construction --------------------------------------------------------------------
     @classmethod
-    def from_name(cls, model_name: str, num_classes: int = 0, *, img_size: int = 224,
-                  class_names: Sequence[str] | None = None, adapter_kwargs: Mapping | None = None,
-                  **model_kwargs: Any) -> _EquiViTAdapter:
-        """A registered timm model (``equivit_ri_*``, ``vit_*``...) with random weights."""
-        from equivit_plugin.networks.equivit import create_network
-
-        if class_names is not None and num_classes and len(class_names) != num_classes:
-            raise ValueError(f"{len(class_names)} class names given for {num_classes} classes")
-        net = create_network(model_name, num_classes, img_size=img_size, **model_kwargs)
-        return cls(net, model_name=model_name, class_names=class_names, img_size=img_size,
-                   **dict(adapter_kwargs or {}))
+    def _check_head(cls, info: ModelInfo) -> None:
+        """Hook: the classifier needs a head; the encoder takes any model."""
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, num_classes: int | None = None, *,
-                        adapter_kwargs: Mapping | None = None) -> _EquiViTAdapter:
-        """Rebuild and load a checkpoint written by ``equivit_plugin.models.save_checkpoint``.
+    def from_name(cls, model_name: str, num_classes: int | None = None, *,
+                  class_names: Sequence[str] | None = None, img_size: int = 224,
+                  seed: int | None = None, adapter_kwargs: Mapping[str, Any] | None = None,
+                  **model_kwargs: Any) -> _EquiViTAdapter:
+        """A registered timm model (``equivit_ri_*``, ``vit_*``...) with random weights.
+
+        Args:
+            model_name: timm registry name.
+            num_classes: head size (default ``len(class_names)``; the encoder ignores the head).
+            class_names: label names in logit order.
+            img_size: input side in pixels.
+            seed: seed of the random weights (``None``: the global RNG).
+            adapter_kwargs: ``autocast``, ``channels_last``, ``non_blocking``.
+            **model_kwargs: more ``timm.create_model`` arguments (``depth``...).
+        """
+        net, info = load_model(model_name, num_classes=num_classes, class_names=class_names,
+                               img_size=img_size, seed=seed, **model_kwargs)
+        cls._check_head(info)
+        return cls(net, info, **dict(adapter_kwargs or {}))
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, num_classes: int | None = None, *,
+                        class_names: Sequence[str] | None = None,
+                        adapter_kwargs: Mapping[str, Any] | None = None) -> _EquiViTAdapter:
+        """Rebuild and load a checkpoint written by ``equivit_plugin.models.save_checkpoint``
+        (e.g. the bundle's ``models/model.pt``).
 
         Raises:
-            ValueError: ``num_classes`` does not match the checkpoint's head, or the file is
-                not such a checkpoint. FileNotFoundError: no file.
+            equivit_plugin.models.ModelLoadError: missing or foreign file, or ``num_classes``
+                / ``class_names`` that differ from the checkpoint's (both named).
         """
-        from equivit_plugin.models.checkpoint import model_from_checkpoint
-
-        net, info = model_from_checkpoint(path, num_classes=num_classes)
-        names = info.get("class_names")
-        head = info.get("model_kwargs", {}).get("num_classes")
-        if names is not None and head is not None and len(names) != head:
-            raise ValueError(f"{path}: {len(names)} class names {names} for a {head}-class head")
-        img_size = int(info.get("model_kwargs", {}).get("img_size", 224))
-        return cls(net, model_name=info.get("model_name"), class_names=names,
-                   img_size=img_size, **dict(adapter_kwargs or {}))
+        net, info = load_model(path, num_classes=num_classes, class_names=class_names)
+        cls._check_head(info)
+        return cls(net, info, **dict(adapter_kwargs or {}))
 
     @classmethod
-    def create(cls, source: str | Path, num_classes: int | None = None,
+    def create(cls, source: str | os.PathLike, num_classes: int | None = None,
                **kwargs: Any) -> _EquiViTAdapter:
-        """``from_checkpoint`` for a path (``.pt``/``.pth`` or an existing file), else
-        ``from_name``."""
-        from equivit_plugin.models.checkpoint import is_checkpoint_path
-
+        """:meth:`from_checkpoint` for a path (``.pt``/``.pth`` or an existing file), else
+        :meth:`from_name`."""
         if is_checkpoint_path(source):
             return cls.from_checkpoint(source, num_classes, **kwargs)
-        return cls.from_name(str(source), num_classes or 0, **kwargs)
+        return cls.from_name(str(source), num_classes, **kwargs)
 
     # -- TIAToolbox contract -------------------------------------------------------------
     @staticmethod
     def preproc(image: np.ndarray) -> np.ndarray:
-        """uint8 ``(H, W, 3)`` -> ImageNet-normalised float32 ``(H, W, 3)``."""
-        return preprocess_tile(image)
+        """uint8 ``(H, W, 3)`` -> ImageNet-normalised float32 ``(H, W, 3)``, channels last:
+        the engine collates HWC tiles and ``infer_batch`` transposes
+        (:func:`equivit_plugin.models.normalise_tile`, as the models were trained)."""
+        return normalise_tile(image)
 
     @staticmethod
     def _run(model: nn.Module, batch_data: np.ndarray | torch.Tensor, device: str) -> torch.Tensor:
@@ -214,9 +217,17 @@ class _EquiViTAdapter(ModelABC):
 class EquiViTClassifier(_EquiViTAdapter):
     """Softmax probabilities ``(B, K)`` for ``PatchPredictor``; ``postproc`` is argmax.
 
-    Build with :meth:`from_name` (random weights) or :meth:`from_checkpoint`
-    (``class_dict`` from the checkpoint's class names).
+    Build with :meth:`from_name` (random weights; ``num_classes`` or ``class_names`` required)
+    or :meth:`from_checkpoint` (``class_dict`` from the checkpoint's class names).
     """
+
+    @classmethod
+    def _check_head(cls, info: ModelInfo) -> None:
+        if info.num_classes < 1:
+            raise ValueError(
+                f"EquiViTClassifier needs a classifier head, but {info.source} has none "
+                f"(num_classes=0); give num_classes= or class_names=, or use EquiViTEncoder "
+                f"for features")
 
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` normalised -> ``(B, K)`` probabilities."""
@@ -240,7 +251,7 @@ class EquiViTEncoder(_EquiViTAdapter):
 
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` normalised -> ``(B, D)`` embedding."""
-        return self.net.forward_head(self.net.forward_features(imgs), pre_logits=True)
+        return pooled_embedding(self.net, imgs)
 
     @staticmethod
     def infer_batch(model: nn.Module, batch_data: np.ndarray | torch.Tensor, *,
@@ -250,4 +261,5 @@ class EquiViTEncoder(_EquiViTAdapter):
 
     @property
     def embed_dim(self) -> int:
-        return int(getattr(self.net, "num_features", getattr(self.net, "embed_dim", 0)))
+        """``D``, the size of the pooled embedding."""
+        return self.info.embed_dim

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .patch_embed import ConvStackProjection
+from equivit_plugin.layers import ConvStackProjection
 
 __all__ = ["PerPatchProjection"]
 

@@ -1,0 +1,205 @@
+"""The one place that builds and loads models, for every door.
+
+A *source* is a registered timm name (``equivit_ri_small_patch16_224``, ``vit_small_patch16_224``
+...: random weights) or a self-describing checkpoint (:func:`~.checkpoint.save_checkpoint`). In
+goes a source, out come the model and a :class:`ModelInfo` that describes it: class names
+checked against the head, input size, whether the weights are random, the checkpoint's hash.
+The MONAI door (``create_network``), the TIAToolbox door (``EquiViT*.create``), the bundle
+configs and the feature pipeline all call :func:`load_model` or :func:`create_model`::
+
+    net, info = load_model("monai_bundle/models/model.pt")
+    info.class_names, info.img_size, info.random_weights   # ['lung_aca', ...], 224, False
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from . import equivit  # noqa: F401  (registers the Equi-ViT family in timm)
+from .checkpoint import check_class_names, file_sha256, is_checkpoint_path, load_checkpoint
+
+__all__ = ["ModelInfo", "ModelLoadError", "create_model", "load_model"]
+
+
+class ModelLoadError(ValueError):
+    """A model source cannot be built or loaded; the message names the source and says why."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What describes a model built by :func:`load_model`.
+
+    Attributes:
+        name: timm registry name of the architecture.
+        source: what was asked for (the registered name, or the checkpoint path as given).
+        num_classes: size ``K`` of the classifier head (``0``: the model returns features).
+        class_names: ``K`` label names in logit order, or ``None`` when unknown.
+        img_size: the input side the model was built for, in pixels.
+        embed_dim: size ``D`` of the pooled embedding (:func:`~.embedding.pooled_embedding`).
+        random_weights: built from a name, so the weights are random (seeded when asked).
+        checkpoint: the checkpoint path, ``""`` for a registered name.
+        checkpoint_sha256: SHA-256 of the checkpoint file, ``""`` for a registered name.
+        model_kwargs: the ``timm.create_model`` arguments that rebuild the architecture.
+        extra: the checkpoint's other entries (epoch, metrics...), without the weights.
+    """
+
+    name: str
+    source: str
+    num_classes: int
+    class_names: tuple[str, ...] | None
+    img_size: int
+    embed_dim: int
+    random_weights: bool
+    checkpoint: str = ""
+    checkpoint_sha256: str = ""
+    model_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def class_dict(self) -> dict[int, str] | None:
+        """``{index: name}`` (TIAToolbox's ``class_dict``), or ``None``."""
+        return dict(enumerate(self.class_names)) if self.class_names is not None else None
+
+
+def create_model(name: str, num_classes: int = 0, *, img_size: int = 224, in_chans: int = 3,
+                 **kwargs: Any) -> nn.Module:
+    """``timm.create_model`` for any registered name, with the Equi-ViT family registered.
+
+    Args:
+        name: timm registry name (``equivit_*``, ``equivit_ri_*``, ``convvit_*``, ``vit_*``...).
+        num_classes: head size ``K`` (``0``: ``forward`` returns the pooled features).
+        img_size: input side in pixels.
+        in_chans: input channels ``C``.
+        **kwargs: any other ``timm.create_model`` argument (``depth``, ``drop_path_rate``...).
+
+    Shapes:
+        ``(B, in_chans, img_size, img_size) -> (B, num_classes)`` (``(B, D)`` for ``K = 0``).
+
+    Raises:
+        ModelLoadError: ``name`` is not registered.
+    """
+    if not timm.is_model(name):
+        raise ModelLoadError(f"{name!r} is not a registered timm model (e.g. "
+                             f"equivit_ri_small_patch16_224, vit_small_patch16_224)")
+    return timm.create_model(name, num_classes=num_classes, img_size=img_size,
+                             in_chans=in_chans, **kwargs)
+
+
+def _embed_dim(net: nn.Module) -> int:
+    return int(getattr(net, "num_features", getattr(net, "embed_dim", 0)))
+
+
+def _from_checkpoint(path: Path, *, num_classes: int | None, class_names: Sequence[str] | None,
+                     img_size: int | None, map_location: str | torch.device,
+                     overrides: Mapping[str, Any]) -> tuple[nn.Module, ModelInfo]:
+    try:
+        payload = load_checkpoint(path, map_location)
+    except FileNotFoundError as error:
+        raise ModelLoadError(str(error)) from error
+    kwargs = {**(payload.get("model_kwargs") or {}), **overrides}
+    head = int(kwargs.get("num_classes", 0))
+    saved_names = check_class_names(payload.get("class_names"), head, f"checkpoint {path}")
+    if num_classes is not None and int(num_classes) != head:
+        raise ModelLoadError(f"checkpoint {path} has a {head}-class head ({saved_names}), but "
+                             f"num_classes={num_classes} was asked for")
+    if class_names is not None and saved_names is not None \
+            and [str(n) for n in class_names] != saved_names:
+        raise ModelLoadError(f"checkpoint {path} predicts classes {saved_names}, but "
+                             f"class_names={list(class_names)} was given")
+    saved_size = int(kwargs.get("img_size", 224))
+    if img_size is not None and int(img_size) != saved_size:
+        raise ModelLoadError(f"checkpoint {path} takes {saved_size} px inputs, but "
+                             f"img_size={img_size} was asked for")
+    try:
+        net = timm.create_model(payload["model_name"], **kwargs)
+        state = {k: v.float() if v.dtype == torch.float16 else v
+                 for k, v in payload["model"].items()}
+        net.load_state_dict(state)
+    except (RuntimeError, TypeError, ValueError) as error:
+        raise ModelLoadError(f"checkpoint {path}: cannot rebuild {payload['model_name']} with "
+                             f"{kwargs}: {error}") from error
+    names = saved_names if saved_names is not None else (
+        check_class_names(class_names, head, f"checkpoint {path}"))
+    extra = {k: v for k, v in payload.items()
+             if k not in ("model", "model_name", "model_kwargs", "class_names")}
+    info = ModelInfo(name=str(payload["model_name"]), source=str(path), num_classes=head,
+                     class_names=tuple(names) if names is not None else None,
+                     img_size=saved_size, embed_dim=_embed_dim(net), random_weights=False,
+                     checkpoint=str(path), checkpoint_sha256=file_sha256(path),
+                     model_kwargs=kwargs, extra=extra)
+    return net.eval(), info
+
+
+def _from_name(name: str, *, num_classes: int | None, class_names: Sequence[str] | None,
+               img_size: int | None, seed: int | None,
+               overrides: Mapping[str, Any]) -> tuple[nn.Module, ModelInfo]:
+    head = int(num_classes) if num_classes is not None else (
+        len(class_names) if class_names is not None else 0)
+    names = check_class_names(class_names, head, name)
+    size = 224 if img_size is None else int(img_size)
+    kwargs = {"num_classes": head, "img_size": size, **overrides}
+    try:
+        with torch.random.fork_rng(devices=[], enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            net = create_model(name, **kwargs)
+    except ModelLoadError:
+        raise
+    except (TypeError, ValueError, AssertionError, RuntimeError) as error:
+        raise ModelLoadError(f"{name} cannot be built with {kwargs}: {error}") from error
+    info = ModelInfo(name=name, source=name, num_classes=head,
+                     class_names=tuple(names) if names is not None else None, img_size=size,
+                     embed_dim=_embed_dim(net), random_weights=True, model_kwargs=kwargs)
+    return net.eval(), info
+
+
+def load_model(source: str | os.PathLike, *, num_classes: int | None = None,
+               class_names: Sequence[str] | None = None, img_size: int | None = None,
+               require_class_names: bool = False, seed: int | None = None,
+               map_location: str | torch.device = "cpu",
+               **model_kwargs: Any) -> tuple[nn.Module, ModelInfo]:
+    """Build a registered model or load a self-describing checkpoint, in eval mode.
+
+    Args:
+        source: a timm registry name (random weights) or a checkpoint path (``.pt``/``.pth``
+            or any existing file; see :func:`~.checkpoint.is_checkpoint_path`).
+        num_classes: head size. For a checkpoint it must match the saved head; for a name it
+            sets the head (default ``len(class_names)``, else ``0``: pooled features).
+        class_names: label names in logit order. For a checkpoint they must equal the saved
+            ones (when it has some); for a name their number must match ``num_classes``.
+        img_size: input side. For a checkpoint it must match; for a name default 224.
+        require_class_names: fail when the model ends up without class names (a classifier
+            whose predictions must be labelled).
+        seed: for a name, draw the random weights under ``torch.manual_seed(seed)`` in a forked
+            RNG (the caller's RNG is untouched); ``None``: the global RNG.
+        map_location: where checkpoint tensors are loaded.
+        **model_kwargs: more ``timm.create_model`` arguments (not architecture-changing ones
+            for a checkpoint).
+
+    Returns:
+        ``(model in eval mode, ModelInfo)``.
+
+    Raises:
+        ModelLoadError: unknown name, missing or foreign checkpoint, or a mismatch between
+            what was asked for and what the checkpoint holds (the message names both).
+    """
+    if is_checkpoint_path(source):
+        net, info = _from_checkpoint(Path(source), num_classes=num_classes,
+                                     class_names=class_names, img_size=img_size,
+                                     map_location=map_location, overrides=model_kwargs)
+    else:
+        net, info = _from_name(str(source), num_classes=num_classes, class_names=class_names,
+                               img_size=img_size, seed=seed, overrides=model_kwargs)
+    if require_class_names and info.class_names is None:
+        raise ModelLoadError(
+            f"{info.source} has no class names, so its predictions cannot be labelled; give "
+            f"class_names=[...] or re-save it with save_checkpoint(..., class_names=[...])")
+    return net, info
