@@ -2,10 +2,11 @@
 
 ``import equivit_plugin`` must be instant (the ``equivit`` command's ``--help``, a CLI that only
 parses arguments) yet ``timm.create_model("equivit_ri_small_patch16_224")`` must work right
-after it. Importing :mod:`equivit_plugin.models` registers the models but costs torch and timm
-(seconds). So the package defers it: if timm is already imported the models are registered at
-once; otherwise a one-shot import hook registers them the moment timm's own import finishes.
-Either order of ``import timm`` and ``import equivit_plugin`` gives the same registry.
+after it. Registering (:mod:`equivit_plugin.models.registry`) needs timm, which costs seconds.
+So the package defers it: if timm is already imported the models are registered at once;
+otherwise an import hook registers them the moment timm's own import finishes, whoever
+imported it (the user, or the package's own layers). Either order of ``import timm`` and
+``import equivit_plugin`` gives the same registry.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 __all__ = ["register_models_with_timm"]
 
-_MODELS = "equivit_plugin.models"
+_MODELS = "equivit_plugin.models.registry"
 _lock = threading.Lock()
 
 

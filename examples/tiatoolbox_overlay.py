@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,17 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("EQUIVIT_DATA", ROOT.parent / "shared" / "data"))
 
 
-def main(argv: list[str] | None = None) -> Path:
+@dataclass
+class OverlayResult:
+    """What the example produced: the PNG and the engine's per-patch output it drew."""
+
+    overlay: Path
+    coordinates: np.ndarray  # (N, 4) boxes at --mpp
+    predictions: np.ndarray  # (N,) class indices
+    class_dict: dict[int, str]
+
+
+def main(argv: list[str] | None = None) -> OverlayResult:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slide", type=Path, default=DATA / "slides" / "CMU-1-Small-Region.svs")
     parser.add_argument("--model", default=str(ROOT / "monai_bundle" / "models" / "model.pt"),
@@ -59,7 +70,7 @@ def main(argv: list[str] | None = None) -> Path:
     path = save_prediction_overlay(args.slide, coordinates, predictions, class_dict, args.out,
                                    resolution=args.mpp)
     print(f"overlay written to {path}")
-    return path
+    return OverlayResult(path, coordinates, predictions, class_dict)
 
 
 if __name__ == "__main__":

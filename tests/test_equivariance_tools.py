@@ -312,19 +312,44 @@ def test_feature_invariance_of_rotation_invariant_model(
 # ----------------------------------------------------------------------------------- plots
 
 
-def test_plots_write_png_files(tmp_path) -> None:
+def test_plots_show_the_measured_values(tmp_path) -> None:
+    from PIL import Image
+
+    from equivit_plugin.equivariance import accuracy_polar_figure, similarity_vs_angle_figure
+
     images, labels = _quadrant_images()
     sweeps = {
-        "toy": rotation_sweep(_top_half_brighter, images, labels, angles=[0, 90, 180, 270]),
+        "toy": rotation_sweep(_top_half_brighter, images, labels, angles=[0, 270, 90, 180]),
         "blind": rotation_sweep(lambda x: torch.ones(x.shape[0]), images, labels,
                                 angles=[0, 90, 180, 270]),
     }
-    polar = plot_accuracy_polar(sweeps, tmp_path / "nested" / "polar.png")
+    polar = accuracy_polar_figure(sweeps).axes[0]
+    assert [line.get_label().split(" (")[0] for line in polar.get_lines()] == ["toy", "blind"]
+    for line, sweep in zip(polar.get_lines(), sweeps.values()):
+        order = np.argsort(sweep.angles)
+        angles = np.radians(np.asarray(sweep.angles)[order])
+        np.testing.assert_allclose(line.get_xdata(), np.append(angles, angles[0] + 2 * np.pi))
+        accuracy = np.asarray(sweep.accuracy)[order]
+        np.testing.assert_allclose(line.get_ydata(), np.append(accuracy, accuracy[0]))
+    assert sweeps["toy"].accuracy.min() < sweeps["toy"].accuracy.max()  # the lines differ
+
     results = {
         "a": {0.0: {"mean": 1.0, "min": 1.0}, 45.0: {"mean": 0.9, "min": 0.5}},
-        "b": {"0.0": {"mean": 1.0, "min": 1.0}, "45.0": {"mean": 0.2, "min": -0.1}},  # JSON keys
+        "b": {"45.0": {"mean": 0.2, "min": -0.1}, "0.0": {"mean": 1.0, "min": 1.0}},  # JSON keys
     }
-    lines = plot_similarity_vs_angle(results, tmp_path / "more" / "lines.png")
-    for path in (polar, lines):
-        data = path.read_bytes()
-        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+    axes = similarity_vs_angle_figure(results).axes[0]
+    drawn = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+             for line in axes.get_lines()}
+    assert drawn == {"a mean": ([0.0, 45.0], [1.0, 0.9]), "a min": ([0.0, 45.0], [1.0, 0.5]),
+                     "b mean": ([0.0, 45.0], [1.0, 0.2]), "b min": ([0.0, 45.0], [1.0, -0.1])}
+
+    polar_png = plot_accuracy_polar(sweeps, tmp_path / "nested" / "polar.png")
+    lines_png = plot_similarity_vs_angle(results, tmp_path / "more" / "lines.png")
+    for path in (polar_png, lines_png):
+        with Image.open(path) as image:
+            assert image.format == "PNG" and min(image.size) > 300
+            pixels = np.asarray(image.convert("RGB"))
+        assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 20  # drawn, not a blank canvas
+    assert not list(tmp_path.rglob(".*.tmp*"))  # atomic: no temporary file left behind
+    with pytest.raises(ValueError, match="no sweeps"):
+        accuracy_polar_figure({})

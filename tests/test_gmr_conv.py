@@ -158,3 +158,14 @@ def test_monai_conv_factory_returns_gmr_layers() -> None:
     assert Conv["gmr", 3] is GMRConv3d
     layer = Conv["gmr", 2](3, 8, kernel_size=5, padding=2)
     assert layer(torch.randn(1, 3, 10, 10)).shape == (1, 8, 10, 10)
+
+
+def test_disc_support_zeroes_the_corners_only_when_asked() -> None:
+    disc_conv = GMRConv2d(1, 1, 5, disc_support=True)
+    square_conv = GMRConv2d(1, 1, 5, disc_support=False)
+    square_conv.load_state_dict(disc_conv.state_dict())  # the same ring weights
+    disc, square = disc_conv.kernel()[0, 0], square_conv.kernel()[0, 0]
+    outside = ring_distances((5, 5)) > 2.5  # the four corner taps (distance 2.83)
+    assert outside.sum() == 4
+    assert torch.all(disc[outside] == 0) and torch.all(square[outside] != 0)
+    torch.testing.assert_close(disc[~outside], square[~outside])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,14 +16,17 @@ from tiatoolbox.models.engine.io_config import IOPatchPredictorConfig  # noqa: E
 from tiatoolbox.models.engine.patch_predictor import PatchPredictor  # noqa: E402
 from tiatoolbox.wsicore.wsireader import WSIReader  # noqa: E402
 
-from equivit_plugin.models.checkpoint import save_checkpoint  # noqa: E402
-from equivit_plugin.networks.equivit import create_network  # noqa: E402
+from equivit_plugin.models import (  # noqa: E402
+    ModelLoadError,
+    create_model,
+    normalise_tile,
+    save_checkpoint,
+)
 from equivit_plugin.tiatoolbox import (  # noqa: E402
     EquiViTClassifier,
     EquiViTEncoder,
     FeatureBatch,
     make_ioconfig,
-    preprocess_tile,
 )
 
 TINY = "equivit_ri_tiny_patch16_224"
@@ -46,7 +50,7 @@ def classifier() -> EquiViTClassifier:
 @pytest.fixture(scope="module")
 def encoder() -> EquiViTEncoder:
     torch.manual_seed(2)
-    return EquiViTEncoder.from_name(TINY, 0, depth=1)
+    return EquiViTEncoder.from_name(TINY, depth=1)
 
 
 def _direct_features(net: torch.nn.Module, batch: torch.Tensor) -> np.ndarray:
@@ -73,7 +77,7 @@ def test_make_ioconfig_defaults_and_stride() -> None:
 
 def test_preproc_matches_training_normalisation(uint8_tiles: np.ndarray,
                                                 crc_tiles: torch.Tensor) -> None:
-    out = np.stack([preprocess_tile(t) for t in uint8_tiles])
+    out = np.stack([normalise_tile(t) for t in uint8_tiles])
     assert out.dtype == np.float32
     np.testing.assert_allclose(out.transpose(0, 3, 1, 2), crc_tiles.numpy(), atol=1e-6)
 
@@ -118,10 +122,13 @@ def test_feature_batch_serves_both_engine_reads() -> None:
 
     array = np.arange(15 * 5, dtype=np.float32).reshape(15, 5)
     batch = FeatureBatch(array)
-    assert batch[0].shape == (15, 5)  # DeepFeatureExtractor.infer_wsi: batch_output[0]
-    assert da.from_array(batch).compute().shape == (15, 5)  # patch mode: da.from_array
-    np.testing.assert_array_equal(batch[1], array[1])
+    np.testing.assert_array_equal(batch[0], array)  # DeepFeatureExtractor.infer_wsi: output 0
+    np.testing.assert_array_equal(da.from_array(batch, chunks=(4, 5)).compute(), array)
+    np.testing.assert_array_equal(batch[1:3], array[1:3])  # slices are rows
     np.testing.assert_array_equal(np.asarray(batch), array)
+    for index in (1, -1, np.int64(2)):  # an integer is an output number: only 0 exists
+        with pytest.raises(IndexError, match="one output"):
+            batch[index]
 
 
 SLIDE_MPP = 0.5  # make_ioconfig()'s read resolution: the engine's coordinates live there
@@ -153,7 +160,7 @@ def _read_tiles(slide: Path, boxes: np.ndarray) -> torch.Tensor:
                                          units="mpp", pad_constant_values=255,
                                          coord_space="resolution") for box in boxes])
     assert tiles.shape == (len(boxes), 224, 224, 3)
-    return torch.from_numpy(np.stack([preprocess_tile(t) for t in tiles])).permute(0, 3, 1, 2)
+    return torch.from_numpy(np.stack([normalise_tile(t) for t in tiles])).permute(0, 3, 1, 2)
 
 
 def _sorted(boxes: np.ndarray) -> np.ndarray:
@@ -255,15 +262,37 @@ def _load_example() -> object:
     spec = importlib.util.spec_from_file_location(
         "tiatoolbox_overlay", REPO_ROOT / "examples" / "tiatoolbox_overlay.py")
     example = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = example  # dataclasses look their module up there
     spec.loader.exec_module(example)
     return example
 
 
-def test_example_script_writes_overlay_with_bundle_model(tmp_path: Path, slide: Path) -> None:
+def test_example_script_writes_overlay_with_bundle_model(tmp_path: Path, slide: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    from conftest import REPO_ROOT
+    from PIL import Image
+
+    checkpoint = REPO_ROOT / "monai_bundle" / "models" / "model.pt"
     example = _load_example()
-    path = example.main(["--slide", str(slide), "--out", str(tmp_path / "overlay.png"),
-                         "--model", "equivit_ri_tiny_patch16_224", "--num-classes", "3"])
-    assert path.is_file() and path.stat().st_size > 10_000
+    result = example.main(["--slide", str(slide), "--out", str(tmp_path / "overlay.png")])
+    # The default model is the bundle's trained checkpoint, with its class names.
+    reference = EquiViTClassifier.from_checkpoint(checkpoint)
+    assert result.class_dict == reference.class_dict == {0: "lung_aca", 1: "lung_n",
+                                                         2: "lung_scc"}
+    # Every patch's class is the checkpoint's own argmax on the tile read back from the slide.
+    reader = WSIReader.open(slide)
+    tiles = np.stack([reader.read_bounds(tuple(int(v) for v in box), resolution=SLIDE_MPP,
+                                         units="mpp", coord_space="resolution")
+                      for box in result.coordinates])
+    batch = torch.from_numpy(np.stack([normalise_tile(t) for t in tiles])).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        expected = reference.net(batch).argmax(-1).numpy()
+    np.testing.assert_array_equal(result.predictions, expected)
+    counts = {name: int((expected == k).sum()) for k, name in reference.class_dict.items()
+              if (expected == k).any()}
+    assert f"{len(expected)} tissue patches: {counts}" in capsys.readouterr().out
+    with Image.open(result.overlay) as image:
+        assert image.format == "PNG" and min(image.size) > 300
 
 
 def test_rotation_through_engine_equivit_ri_vs_vit(uint8_tiles: np.ndarray) -> None:
@@ -279,16 +308,16 @@ def test_rotation_through_engine_equivit_ri_vs_vit(uint8_tiles: np.ndarray) -> N
         return cos, np.linalg.norm(a - b, axis=-1) / np.linalg.norm(a, axis=-1)
 
     torch.manual_seed(3)
-    cos, rel = cosines(EquiViTEncoder.from_name(TINY, 0, depth=1))
+    cos, rel = cosines(EquiViTEncoder.from_name(TINY, depth=1))
     assert cos.min() >= 0.9999 and rel.max() < 1e-3
     torch.manual_seed(3)
-    cos, rel = cosines(EquiViTEncoder.from_name("vit_tiny_patch16_224", 0, depth=1))
+    cos, rel = cosines(EquiViTEncoder.from_name("vit_tiny_patch16_224", depth=1))
     assert rel.min() > 0.01  # random ViT features share a large common part: compare L2
 
 
 def test_checkpoint_roundtrip_and_class_dict(tmp_path: Path, uint8_tiles: np.ndarray) -> None:
     torch.manual_seed(4)
-    net = create_network(TINY, 3, depth=1)
+    net = create_model(TINY, 3, depth=1)
     names = ["ADI", "BACK", "DEB"]
     path = save_checkpoint(tmp_path / "model.pt", net, TINY, class_names=names,
                            model_kwargs={"num_classes": 3, "img_size": 224, "depth": 1})
@@ -298,7 +327,7 @@ def test_checkpoint_roundtrip_and_class_dict(tmp_path: Path, uint8_tiles: np.nda
     out = PatchPredictor(model=model, batch_size=8).run(
         images=uint8_tiles[:2], patch_mode=True, ioconfig=make_ioconfig(),
         return_probabilities=True)
-    batch = torch.from_numpy(np.stack([preprocess_tile(t) for t in uint8_tiles[:2]]))
+    batch = torch.from_numpy(np.stack([normalise_tile(t) for t in uint8_tiles[:2]]))
     with torch.no_grad():
         expected = torch.softmax(net.eval()(batch.permute(0, 3, 1, 2)), -1).numpy()
     np.testing.assert_allclose(np.asarray(out["probabilities"]), expected, atol=1e-5)
@@ -307,15 +336,24 @@ def test_checkpoint_roundtrip_and_class_dict(tmp_path: Path, uint8_tiles: np.nda
 
 
 def test_checkpoint_class_count_mismatch_is_a_clear_error(tmp_path: Path) -> None:
-    net = create_network(TINY, 3, depth=1)
+    net = create_model(TINY, 3, depth=1)
     path = save_checkpoint(tmp_path / "model.pt", net, TINY, class_names=["a", "b", "c"],
                            model_kwargs={"num_classes": 3, "img_size": 224, "depth": 1})
-    with pytest.raises(ValueError, match=r"3-class head.*5 classes"):
+    with pytest.raises(ModelLoadError, match=r"model.pt has a 3-class head.*num_classes=5"):
         EquiViTClassifier.from_checkpoint(path, num_classes=5)
-    with pytest.raises(ValueError, match="3 class names given for 2 classes"):
+    with pytest.raises(ModelLoadError, match=r"predicts classes \['a', 'b', 'c'\].*class_names="):
+        EquiViTClassifier.from_checkpoint(path, class_names=["a", "b", "x"])
+    with pytest.raises(ValueError, match=r"3 class names \['a', 'b', 'c'\] for a 2-class head"):
         EquiViTClassifier.from_name(TINY, 2, class_names=["a", "b", "c"], depth=1)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ModelLoadError, match="missing.pt"):
         EquiViTClassifier.from_checkpoint(tmp_path / "missing.pt")
+
+
+def test_classifier_from_a_name_needs_a_head() -> None:
+    with pytest.raises(ValueError, match="EquiViTClassifier needs a classifier head.*num_classes="):
+        EquiViTClassifier.from_name(TINY, depth=1)
+    assert EquiViTClassifier.from_name(TINY, class_names=["a", "b"], depth=1).net.num_classes == 2
+    assert EquiViTEncoder.from_name(TINY, depth=1).net.num_classes == 0
 
 
 def test_infer_batch_rejects_nchw(classifier: EquiViTClassifier) -> None:
@@ -328,7 +366,7 @@ def test_bundle_model_in_patch_predictor(shared_data: Path) -> None:
     from conftest import REPO_ROOT
     from PIL import Image
 
-    from equivit_plugin.models.checkpoint import model_from_checkpoint
+    from equivit_plugin.models import load_model
 
     path = REPO_ROOT / "monai_bundle" / "models" / "model.pt"
     model = EquiViTClassifier.from_checkpoint(path)
@@ -338,8 +376,8 @@ def test_bundle_model_in_patch_predictor(shared_data: Path) -> None:
     tiles = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
     out = PatchPredictor(model=model, batch_size=4).run(
         images=tiles, patch_mode=True, ioconfig=make_ioconfig(), return_probabilities=True)
-    net, _ = model_from_checkpoint(path)
-    batch = torch.from_numpy(np.stack([preprocess_tile(t) for t in tiles])).permute(0, 3, 1, 2)
+    net, _ = load_model(path)
+    batch = torch.from_numpy(np.stack([normalise_tile(t) for t in tiles])).permute(0, 3, 1, 2)
     with torch.no_grad():
         expected = torch.softmax(net.eval()(batch), -1).numpy()
     np.testing.assert_allclose(np.asarray(out["probabilities"]), expected, atol=1e-5)
@@ -354,7 +392,7 @@ def test_engine_compiled_model_has_no_graph_breaks(monkeypatch: pytest.MonkeyPat
     import torch._dynamo
     from tiatoolbox.models.engine import engine_abc
 
-    batch = torch.from_numpy(np.stack([preprocess_tile(t) for t in uint8_tiles[:2]]))
+    batch = torch.from_numpy(np.stack([normalise_tile(t) for t in uint8_tiles[:2]]))
     batch = batch.permute(0, 3, 1, 2)
     for model in (classifier, encoder):
         explanation = torch._dynamo.explain(model)(batch)
@@ -375,7 +413,7 @@ def test_engine_compiled_model_has_no_graph_breaks(monkeypatch: pytest.MonkeyPat
         features = DeepFeatureExtractor(model=encoder, batch_size=4).run(
             images=uint8_tiles[:6], patch_mode=True, ioconfig=make_ioconfig())["features"]
     assert len(compiled) == 2  # both engines went through the compiled module
-    batch = torch.from_numpy(np.stack([preprocess_tile(t) for t in uint8_tiles[:6]]))
+    batch = torch.from_numpy(np.stack([normalise_tile(t) for t in uint8_tiles[:6]]))
     batch = batch.permute(0, 3, 1, 2)
     with torch.no_grad():
         expected = torch.softmax(classifier.net(batch), -1).numpy()
@@ -386,14 +424,14 @@ def test_engine_compiled_model_has_no_graph_breaks(monkeypatch: pytest.MonkeyPat
 
 def test_autocast_and_channels_last_arguments(uint8_tiles: np.ndarray) -> None:
     """The GPU options run on CPU too: bf16 autocast close to fp32, channels-last equal."""
-    batch = np.stack([preprocess_tile(t) for t in uint8_tiles[:4]])
+    batch = np.stack([normalise_tile(t) for t in uint8_tiles[:4]])
     torch.manual_seed(5)
-    reference = EquiViTEncoder.from_name(TINY, 0, depth=1)
+    reference = EquiViTEncoder.from_name(TINY, depth=1)
     state = reference.net.state_dict()
     expected = EquiViTEncoder.infer_batch(reference, batch, device="cpu")[0]
     for kwargs in ({"channels_last": True}, {"autocast": "bf16"},
                    {"autocast": torch.bfloat16, "channels_last": True}):
-        model = EquiViTEncoder.from_name(TINY, 0, depth=1, adapter_kwargs=kwargs)
+        model = EquiViTEncoder.from_name(TINY, depth=1, adapter_kwargs=kwargs)
         model.net.load_state_dict(state)
         got = EquiViTEncoder.infer_batch(model, batch, device="cpu")[0]
         assert got.dtype == np.float32
@@ -403,8 +441,8 @@ def test_autocast_and_channels_last_arguments(uint8_tiles: np.ndarray) -> None:
             assert cos.min() > 0.999
         else:
             np.testing.assert_allclose(got, expected, atol=1e-5)
-    with pytest.raises(ValueError, match="autocast must be one of"):
-        EquiViTEncoder.from_name(TINY, 0, depth=1, adapter_kwargs={"autocast": "int8"})
+    with pytest.raises(ValueError, match=r"autocast= must be one of \['fp32', 'bf16', 'fp16'\]"):
+        EquiViTEncoder.from_name(TINY, depth=1, adapter_kwargs={"autocast": "int8"})
 
 
 def test_overlay_and_example_errors_name_the_input(tmp_path: Path,

@@ -12,13 +12,20 @@ from .metrics import (
     token_grid,
     token_similarity,
 )
-from .plots import plot_accuracy_polar, plot_similarity_vs_angle
+from .plots import (
+    accuracy_polar_figure,
+    plot_accuracy_polar,
+    plot_similarity_vs_angle,
+    save_figure,
+    similarity_vs_angle_figure,
+)
 from .transforms import D4_NAMES, D4_TRANSFORMS, d4_transform, rotate
 
 __all__ = [
     "D4_NAMES",
     "D4_TRANSFORMS",
     "RotationSweep",
+    "accuracy_polar_figure",
     "d4_sweep",
     "d4_token_similarity",
     "d4_transform",
@@ -29,6 +36,8 @@ __all__ = [
     "prediction_agreement",
     "rotate",
     "rotation_sweep",
+    "save_figure",
+    "similarity_vs_angle_figure",
     "token_grid",
     "token_similarity",
 ]

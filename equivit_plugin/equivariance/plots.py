@@ -15,30 +15,45 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from ..utils.atomic import atomic_path
 from .metrics import RotationSweep
 
-__all__ = ["plot_accuracy_polar", "plot_similarity_vs_angle"]
+__all__ = ["accuracy_polar_figure", "plot_accuracy_polar", "plot_similarity_vs_angle",
+           "save_figure", "similarity_vs_angle_figure"]
 
 
-def _save(fig: Figure, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    """Render ``fig`` (Agg, no pyplot state) to ``path`` atomically; parent folders created."""
     FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    return path
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    return Path(path)
 
 
 def plot_accuracy_polar(sweeps: Mapping[str, RotationSweep], path: str | Path,
                         title: str = "Accuracy vs rotation angle") -> Path:
+    """Write :func:`accuracy_polar_figure` to the PNG ``path``; returns ``path``."""
+    return save_figure(accuracy_polar_figure(sweeps, title), path)
+
+
+def plot_similarity_vs_angle(results: Mapping[str, Mapping[Any, Mapping[str, float]]],
+                             path: str | Path,
+                             title: str = "Token equivariance vs rotation angle") -> Path:
+    """Write :func:`similarity_vs_angle_figure` to the PNG ``path``; returns ``path``."""
+    return save_figure(similarity_vs_angle_figure(results, title), path)
+
+
+def accuracy_polar_figure(sweeps: Mapping[str, RotationSweep],
+                          title: str = "Accuracy vs rotation angle") -> Figure:
     """Polar plot of accuracy (radius) against rotation angle, one closed line per model.
 
     Args:
         sweeps: ``{model name: RotationSweep}`` (angle sweeps; angles in degrees).
-        path: output PNG; parent folders are created.
         title: figure title.
 
     Returns:
-        ``path`` as a ``Path``.
+        The figure: one line per model, labelled ``"<name> (<mean> +- <std>)"``, its points
+        at the sorted angles (radians) and the first point repeated one turn later.
     """
     if not sweeps:
         raise ValueError("no sweeps to plot")
@@ -54,23 +69,22 @@ def plot_accuracy_polar(sweeps: Mapping[str, RotationSweep], path: str | Path,
     ax.set_ylim(0, 1)
     ax.set_title(title)
     ax.legend(loc="lower left", bbox_to_anchor=(-0.1, -0.25), fontsize="small")
-    return _save(fig, path)
+    return fig
 
 
-def plot_similarity_vs_angle(results: Mapping[str, Mapping[Any, Mapping[str, float]]],
-                             path: str | Path,
-                             title: str = "Token equivariance vs rotation angle") -> Path:
+def similarity_vs_angle_figure(results: Mapping[str, Mapping[Any, Mapping[str, float]]],
+                               title: str = "Token equivariance vs rotation angle") -> Figure:
     """Token cosine similarity against angle: mean solid, min dashed, one colour per model.
 
     Args:
         results: ``{model name: token_similarity(...) output}``, i.e.
             ``{model: {angle: {"mean": float, "min": float, ...}}}``; angle keys may be numbers
             or numeric strings (as read back from JSON).
-        path: output PNG; parent folders are created.
         title: figure title.
 
     Returns:
-        ``path`` as a ``Path``.
+        The figure: per model a ``"<name> mean"`` and a ``"<name> min"`` line over the sorted
+        angles.
     """
     if not results:
         raise ValueError("no results to plot")
@@ -91,4 +105,4 @@ def plot_similarity_vs_angle(results: Mapping[str, Mapping[Any, Mapping[str, flo
     ax.grid(True, alpha=0.3)
     # Outside the axes: the min curves dip anywhere, a legend inside would hide some of them.
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    return _save(fig, path)
+    return fig

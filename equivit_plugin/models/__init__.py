@@ -1,20 +1,33 @@
-"""The Equi-ViT model family (registered in timm on import), weights, checkpoints, and the
-one place that builds and loads models (:func:`load_model`)."""
+"""The Equi-ViT model family, weights, checkpoints, and the one place that builds and loads
+models (:func:`load_model`).
 
-from .checkpoint import (
-    check_class_names,
-    file_sha256,
-    is_checkpoint_path,
-    load_checkpoint,
-    save_checkpoint,
-)
-from .embedding import PooledEncoder, pooled_embedding
-from .equivit import MODEL_SIZES, STEMS, EquiVisionTransformer, model_config, model_name
-from .factory import ModelInfo, ModelLoadError, create_model, load_model
-from .preprocessing import IMAGENET_MEAN, IMAGENET_STD, normalise_batch, normalise_tile
-from .weights import LoadReport, load_vit_weights
+Importing this package registers the family in timm (:mod:`.registry`, cheap); the names below
+load their modules on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from . import registry  # noqa: F401  (the Equi-ViT family in timm's registry)
+
+_LAZY_NAMES = {
+    "CHECKPOINT_FORMAT_VERSION": "checkpoint", "check_class_names": "checkpoint",
+    "file_sha256": "checkpoint", "is_checkpoint_path": "checkpoint",
+    "load_checkpoint": "checkpoint", "save_checkpoint": "checkpoint",
+    "PooledEncoder": "embedding", "pooled_embedding": "embedding",
+    "MODEL_SIZES": "equivit", "STEMS": "equivit", "EquiVisionTransformer": "equivit",
+    "model_config": "equivit", "model_name": "equivit",
+    "ModelInfo": "factory", "ModelLoadError": "factory", "create_model": "factory",
+    "load_model": "factory",
+    "IMAGENET_MEAN": "preprocessing", "IMAGENET_STD": "preprocessing",
+    "normalise_batch": "preprocessing", "normalise_tile": "preprocessing",
+    "LoadReport": "weights", "load_vit_weights": "weights",
+}
 
 __all__ = [
+    "CHECKPOINT_FORMAT_VERSION",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "MODEL_SIZES",
@@ -38,3 +51,30 @@ __all__ = [
     "pooled_embedding",
     "save_checkpoint",
 ]
+
+if TYPE_CHECKING:
+    from .checkpoint import (
+        CHECKPOINT_FORMAT_VERSION,
+        check_class_names,
+        file_sha256,
+        is_checkpoint_path,
+        load_checkpoint,
+        save_checkpoint,
+    )
+    from .embedding import PooledEncoder, pooled_embedding
+    from .equivit import MODEL_SIZES, STEMS, EquiVisionTransformer, model_config, model_name
+    from .factory import ModelInfo, ModelLoadError, create_model, load_model
+    from .preprocessing import IMAGENET_MEAN, IMAGENET_STD, normalise_batch, normalise_tile
+    from .weights import LoadReport, load_vit_weights
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY_NAMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_LAZY_NAMES[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY_NAMES})

@@ -1,13 +1,7 @@
 """Equi-ViT (arXiv 2601.09130) and its baselines, built on timm's ``VisionTransformer``.
 
-Registered in timm (``timm.create_model(name)`` after ``import equivit_plugin``):
-
-* ``equivit_{tiny,small,base}_patch16_224``: GMR patch embedding, learned absolute position
-  embedding, class token - as published.
-* ``equivit_ri_{tiny,small,base}_patch16_224``: GMR patch embedding and a radial position
-  embedding: logits and pooled features are invariant to 90-degree rotations and flips.
-* ``convvit_{tiny,small,base}_patch16_224``: the same two-layer stem with plain convolutions
-  (the paper's "Conv2D ViT" baseline). timm's own ``vit_*`` is the standard ViT.
+The family members and their timm registry entries are listed in :mod:`.registry`; this
+module holds the model class and how a member is configured and built.
 """
 
 from __future__ import annotations
@@ -16,19 +10,14 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import PatchEmbed
-from timm.models import (
-    VisionTransformer,
-    build_model_with_cfg,
-    generate_default_cfgs,
-    register_model,
-)
+from timm.models import VisionTransformer, build_model_with_cfg
 from torch import nn
 
 from ..layers import ConvPatchEmbed, GMRPatchEmbed, RadialPosEmbed
 
-__all__ = ["EquiVisionTransformer", "MODEL_SIZES", "STEMS", "model_config", "model_name"]
+__all__ = ["EquiVisionTransformer", "MODEL_SIZES", "STEMS", "build_family_member",
+           "model_config", "model_name"]
 
 PosEmbedType = Literal["learn", "radial", "none"]
 
@@ -114,88 +103,13 @@ def model_name(variant: str, size: str, patch_size: int = 16, img_size: int = 22
     return f"{variant}_{size}_patch{patch_size}_{img_size}"
 
 
-def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        "url": "",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": None,
-        "crop_pct": 1.0,
-        "interpolation": "bicubic",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj.convs.0",
-        "classifier": "head",
-        "license": "apache-2.0",
-        **kwargs,
-    }
-
-
-default_cfgs = generate_default_cfgs({
-    model_name(variant, size): _cfg()
-    for variant in ("equivit", "equivit_ri", "convvit") for size in MODEL_SIZES
-})
-
-
-def _create(name: str, pretrained: bool, variant: str, size: str,
-            **kwargs: Any) -> EquiVisionTransformer:
+def build_family_member(name: str, pretrained: bool, variant: str, size: str,
+                        **kwargs: Any) -> EquiVisionTransformer:
+    """Build the registered model ``name`` (= ``model_name(variant, size)``) through timm's
+    ``build_model_with_cfg`` (pretrained config, ``checkpoint_path=``, feature extraction)."""
     out_indices = kwargs.pop("out_indices", 3)
     return build_model_with_cfg(
         EquiVisionTransformer, name, pretrained,
         feature_cfg={"out_indices": out_indices, "feature_cls": "getter"},
         **model_config(variant, size, **{"patch_size": 16, "img_size": 224, **kwargs}),
     )
-
-
-@register_model
-def equivit_tiny_patch16_224(pretrained: bool = False, **kwargs: Any) -> EquiVisionTransformer:
-    """Equi-ViT-Ti/16: GMR stem (6, 11), learned absolute position embedding."""
-    return _create("equivit_tiny_patch16_224", pretrained, "equivit", "tiny", **kwargs)
-
-
-@register_model
-def equivit_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> EquiVisionTransformer:
-    """Equi-ViT-S/16: GMR stem (6, 11), learned absolute position embedding."""
-    return _create("equivit_small_patch16_224", pretrained, "equivit", "small", **kwargs)
-
-
-@register_model
-def equivit_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> EquiVisionTransformer:
-    """Equi-ViT-B/16: GMR stem (6, 11), learned absolute position embedding."""
-    return _create("equivit_base_patch16_224", pretrained, "equivit", "base", **kwargs)
-
-
-@register_model
-def equivit_ri_tiny_patch16_224(pretrained: bool = False, **kwargs: Any) -> EquiVisionTransformer:
-    """Rotation-invariant Equi-ViT-Ti/16: GMR stem, radial position embedding."""
-    return _create("equivit_ri_tiny_patch16_224", pretrained, "equivit_ri", "tiny", **kwargs)
-
-
-@register_model
-def equivit_ri_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> EquiVisionTransformer:
-    """Rotation-invariant Equi-ViT-S/16: GMR stem, radial position embedding."""
-    return _create("equivit_ri_small_patch16_224", pretrained, "equivit_ri", "small", **kwargs)
-
-
-@register_model
-def equivit_ri_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> EquiVisionTransformer:
-    """Rotation-invariant Equi-ViT-B/16: GMR stem, radial position embedding."""
-    return _create("equivit_ri_base_patch16_224", pretrained, "equivit_ri", "base", **kwargs)
-
-
-@register_model
-def convvit_tiny_patch16_224(pretrained: bool = False, **kwargs: Any) -> EquiVisionTransformer:
-    """ConvViT-Ti/16 baseline: two plain convolutions (6, 11) as the stem."""
-    return _create("convvit_tiny_patch16_224", pretrained, "convvit", "tiny", **kwargs)
-
-
-@register_model
-def convvit_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> EquiVisionTransformer:
-    """ConvViT-S/16 baseline: two plain convolutions (6, 11) as the stem."""
-    return _create("convvit_small_patch16_224", pretrained, "convvit", "small", **kwargs)
-
-
-@register_model
-def convvit_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> EquiVisionTransformer:
-    """ConvViT-B/16 baseline: two plain convolutions (6, 11) as the stem."""
-    return _create("convvit_base_patch16_224", pretrained, "convvit", "base", **kwargs)

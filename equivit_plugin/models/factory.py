@@ -23,7 +23,7 @@ import timm
 import torch
 from torch import nn
 
-from . import equivit  # noqa: F401  (registers the Equi-ViT family in timm)
+from . import registry  # noqa: F401  (the Equi-ViT family in timm's registry)
 from .checkpoint import check_class_names, file_sha256, is_checkpoint_path, load_checkpoint
 
 __all__ = ["ModelInfo", "ModelLoadError", "create_model", "load_model"]
