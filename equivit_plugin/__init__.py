@@ -13,8 +13,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from .registration import register_models_with_timm
-
-__version__ = "0.1.0"
+from .version import __version__
 
 _LAZY_NAMES = {
     "GMRConv1d": "layers", "GMRConv2d": "layers", "GMRConv3d": "layers",
