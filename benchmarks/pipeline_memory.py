@@ -48,19 +48,9 @@ print(json.dumps({
 
 def write_tiff_slide(image: np.ndarray, mpp: float, path: Path) -> Path:
     """A JPEG-tiled pyramidal TIFF (levels halved down to <= 1024 px) with its resolution."""
-    import tifffile
+    from equivit_plugin.features.demo import write_pyramid_tiff
 
-    levels = [image]
-    while max(levels[-1].shape[:2]) > 1024:
-        levels.append(levels[-1][::2, ::2])
-    options = {"tile": (256, 256), "compression": "jpeg", "photometric": "rgb",
-               "resolutionunit": "CENTIMETER"}
-    with tifffile.TiffWriter(path, bigtiff=True) as tif:
-        tif.write(image, subifds=len(levels) - 1, resolution=(1e4 / mpp, 1e4 / mpp), **options)
-        for i, level in enumerate(levels[1:], 1):
-            per_cm = 1e4 / (mpp * 2**i)
-            tif.write(level, subfiletype=1, resolution=(per_cm, per_cm), **options)
-    return path
+    return write_pyramid_tiff(image, mpp, path, smallest_level=1024)
 
 
 def make_slides(source: Path, folder: Path) -> dict[str, Path]:

@@ -42,7 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import cpu_count, cpu_model, publish, table  # noqa: E402
 
 import equivit_plugin  # noqa: E402
-from equivit_plugin.tiatoolbox import EquiViTEncoder, make_ioconfig, preprocess_tile  # noqa: E402
+from equivit_plugin.models import normalise_tile  # noqa: E402
+from equivit_plugin.tiatoolbox import EquiViTEncoder, make_ioconfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("EQUIVIT_DATA", ROOT.parent / "shared" / "data"))
@@ -87,9 +88,9 @@ def read_tissue_patches(boxes: dict[Path, np.ndarray]) -> torch.Tensor:
     tiles = []
     for slide, slide_boxes in boxes.items():
         reader = WSIReader.open(slide)
-        tiles += [preprocess_tile(reader.read_bounds(tuple(int(v) for v in box), resolution=0.5,
-                                                     units="mpp", pad_constant_values=255,
-                                                     coord_space="resolution"))
+        tiles += [normalise_tile(reader.read_bounds(tuple(int(v) for v in box), resolution=0.5,
+                                                    units="mpp", pad_constant_values=255,
+                                                    coord_space="resolution"))
                   for box in slide_boxes]
     return torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2).contiguous()
 
@@ -175,7 +176,7 @@ def round_robin(runners: dict[str, Runner], repeats: int) -> dict[str, dict[str,
 def bench_model(model: str, args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     adapter_kwargs = {"autocast": None if args.amp == "none" else args.amp}
-    encoder = EquiViTEncoder.from_name(model, 0, adapter_kwargs=adapter_kwargs)
+    encoder = EquiViTEncoder.from_name(model, adapter_kwargs=adapter_kwargs)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         runners: dict[str, Runner] = {}

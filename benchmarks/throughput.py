@@ -68,12 +68,12 @@ import torch
 import torch._dynamo
 import torch._dynamo.utils
 import torch.nn.functional as F
+from per_patch import PerPatchProjection  # noqa: E402  (beside this script)
 from timm.layers import PatchEmbed
 from torch import nn
 
 import equivit_plugin  # noqa: F401  (registers the equivit_* / convvit_* models in timm)
 from equivit_plugin.layers import GMRPatchEmbed
-from per_patch import PerPatchProjection  # noqa: E402  (beside this script)
 
 Runner = Callable[[], None]
 

@@ -3,19 +3,36 @@
 Subcommands:
 
 * ``equivit extract-features SLIDES... --out DIR`` -- MIL features per slide
-  (:func:`equivit_plugin.features.extract_features`; see ``docs/features.md``).
+  (:func:`equivit_plugin.features.extract_features`; see ``docs/features.md``);
+  ``equivit extract-features --demo --out DIR`` runs it on a packaged H&E slide.
 
 Exit codes: 0 all slides ok (done or already complete), 1 some slides failed (listed in the
 summary), 2 usage errors (bad arguments, nothing processed).
+
+Importing this module, ``--help`` and usage errors cost no torch, timm or TIAToolbox: the
+choices and defaults come from torch-free modules (:mod:`equivit_plugin.features.config`,
+:mod:`equivit_plugin.utils.precision`); the pipeline is imported only to run.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
-__all__ = ["build_parser", "main"]
+from .features.config import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_MODEL,
+    DEFAULT_MPP,
+    DEFAULT_PATCH_SIZE,
+    OUT_DTYPES,
+    TISSUE_MASKS,
+)
+from .utils.precision import PRECISIONS
+
+__all__ = ["build_parser", "cli_message", "main"]
 
 EXIT_OK, EXIT_FAILED_SLIDES, EXIT_USAGE = 0, 1, 2
 
@@ -40,50 +57,55 @@ _positive_float = _number(float, 0.0, False, "a positive number")
 _fraction = _number(float, 0.0, True, "a fraction in [0, 1)")
 
 
-def _add_extract_features(subparsers: argparse._SubParsersAction) -> None:
-    from equivit_plugin.features.extract import DEFAULT_MODEL
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except ``None`` ones (their help says what happens)."""
 
-    parser = subparsers.add_parser(
-        "extract-features",
-        help="embed the tissue tiles of whole-slide images into CLAM/TRIDENT-style .h5 files",
-        description=(
-            "Embed the tissue tiles of whole-slide images with an Equi-ViT (or any timm) "
-            "encoder. Writes DIR/h5_files/<slide_stem>.h5 per slide (datasets 'features' "
-            "(N, D) and 'coords' (N, 2) level-0 top-left x, y) and, with --also-pt, "
-            "DIR/pt_files/<slide_stem>.pt. Complete outputs are skipped on a rerun; failed "
-            "slides are listed in the summary (exit code 1). Under torchrun each rank takes a "
-            "share of the slides."),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("slides", nargs="+", metavar="SLIDES",
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _add_input_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("slides", nargs="*", metavar="SLIDES",
                         help="slide files, directories, glob patterns, or .txt/.csv lists of "
                              "paths (CSV: column 'path' or 'slide', else the first)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help="registered timm model name (random weights: a warning says so) "
-                             "or a checkpoint written by equivit_plugin.models.save_checkpoint")
-    parser.add_argument("--mpp", type=_positive_float, default=0.5,
+    parser.add_argument("--demo", action="store_true",
+                        help="no SLIDES: run on a small slide made (once, cached) from "
+                             "TIAToolbox's packaged H&E image, with the MONAI bundle's demo "
+                             "checkpoint, and draw the features on its thumbnail")
+    parser.add_argument("--out", dest="out_dir", required=True, metavar="DIR",
+                        help="output folder")
+    parser.add_argument("--model", default=None,
+                        help=f"registered timm model name (random weights: a warning says so) "
+                             f"or a checkpoint written by equivit_plugin.models.save_checkpoint "
+                             f"(default: {DEFAULT_MODEL}; with --demo: the bundle's demo "
+                             f"checkpoint)")
+    parser.add_argument("--mpp", type=_positive_float, default=DEFAULT_MPP,
                         help="target resolution in micrometres per pixel (0.5 = 20x)")
     parser.add_argument("--slide-mpp", type=_positive_float, default=None,
                         help="resolution of slides without resolution metadata (PNG/JPEG...)")
-    parser.add_argument("--patch-size", type=_positive_int, default=224,
+    parser.add_argument("--patch-size", type=_positive_int, default=DEFAULT_PATCH_SIZE,
                         help="tile side in pixels at --mpp (the model's input size)")
     parser.add_argument("--stride", type=_positive_int, default=None,
                         help="grid step in pixels at --mpp (default: --patch-size)")
-    parser.add_argument("--tissue-mask", choices=["morphological", "otsu", "none"],
-                        default="morphological",
+    parser.add_argument("--tissue-mask", choices=TISSUE_MASKS, default=TISSUE_MASKS[0],
                         help="TIAToolbox tissue masker, or 'none' for every tile")
     parser.add_argument("--min-tissue", type=_fraction, default=0.0,
                         help="minimum tissue fraction of a kept tile (0: any tissue)")
-    parser.add_argument("--batch-size", type=_positive_int, default=64,
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE,
                         help="tiles per forward pass")
     parser.add_argument("--workers", type=_natural_int, default=None,
                         help="DataLoader processes reading tiles (default: half the CPUs, "
                              "at most 4; 0: read in the main process)")
     parser.add_argument("--device", default="cpu",
                         help="cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)")
-    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+    parser.add_argument("--precision", choices=PRECISIONS, default=PRECISIONS[0],
                         help="compute precision (bf16/fp16: autocast)")
-    parser.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+    parser.add_argument("--dtype", choices=OUT_DTYPES, default=OUT_DTYPES[0],
                         help="dtype of the stored features")
     parser.add_argument("--also-pt", action="store_true",
                         help="also write CLAM's DIR/pt_files/<slide_stem>.pt")
@@ -96,23 +118,88 @@ def _add_extract_features(subparsers: argparse._SubParsersAction) -> None:
                         help="seed of random weights (registered model names only)")
     parser.add_argument("--verbose", action="store_true",
                         help="progress bars even when stderr is not a terminal; a line per slide")
-    parser.set_defaults(handler=_run_extract_features)
+
+
+def _flags(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Python argument name -> how the command line spells it (``patch_size`` ->
+    ``--patch-size``, ``slides`` -> ``SLIDES:``)."""
+    return {action.dest: action.option_strings[0] if action.option_strings
+            else f"{action.metavar}:" for action in parser._actions
+            if action.dest != "help"}
+
+
+def cli_message(message: str, flags: Mapping[str, str]) -> str:
+    """``message`` with every Python argument (``patch_size=``) rewritten as its command-line
+    flag (``--patch-size``), e.g. ``patch_size= must be a positive integer`` ->
+    ``--patch-size must be a positive integer``."""
+    names = sorted((re.escape(name) for name in flags), key=len, reverse=True)
+    pattern = re.compile(rf"(?<![\w-])({'|'.join(names)})= ?")
+    return pattern.sub(lambda match: f"{flags[match.group(1)]} ", message)
+
+
+def _add_extract_features(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "extract-features",
+        help="embed the tissue tiles of whole-slide images into CLAM/TRIDENT-style .h5 files",
+        description=(
+            "Embed the tissue tiles of whole-slide images with an Equi-ViT (or any timm) "
+            "encoder. Writes DIR/h5_files/<slide_stem>.h5 per slide (datasets 'features' "
+            "(N, D) and 'coords' (N, 2) level-0 top-left x, y) and, with --also-pt, "
+            "DIR/pt_files/<slide_stem>.pt. Complete outputs are skipped on a rerun; failed "
+            "slides are listed in the summary (exit code 1). Under torchrun each rank takes a "
+            "share of the slides. No slide at hand? Try --demo."),
+        formatter_class=_HelpFormatter)
+    _add_input_options(parser)
+    _add_run_options(parser)
+    parser.set_defaults(handler=_run_extract_features, parser=parser)
+
+
+def _usage_error(parser: argparse.ArgumentParser, message: str, usage: bool = False) -> int:
+    if usage:
+        parser.print_usage(sys.stderr)
+    print(f"{parser.prog}: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _extract_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    names = ("mpp", "slide_mpp", "patch_size", "stride", "tissue_mask", "min_tissue",
+             "batch_size", "workers", "device", "precision", "dtype", "also_pt", "overwrite",
+             "d4_average", "seed", "verbose")
+    return {name: getattr(args, name) for name in names}
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from .features.demo import run_demo
+
+    try:
+        result = run_demo(args.out_dir, model=args.model, **_extract_kwargs(args))
+    except RuntimeError as error:  # the demo slide failed; the summary above says why
+        print(f"equivit extract-features --demo: {error}", file=sys.stderr)
+        return EXIT_FAILED_SLIDES
+    print(f"demo model: {result.note}")
+    print(f"demo slide: {result.slide}")
+    print(f"features: {result.h5}")
+    print(f"overlay: {result.overlay}", flush=True)
+    return EXIT_OK
 
 
 def _run_extract_features(args: argparse.Namespace) -> int:
-    from equivit_plugin.features.extract import ExtractionConfigError, extract_features
+    from .features.config import ExtractionConfigError
 
+    parser: argparse.ArgumentParser = args.parser
+    if args.demo == bool(args.slides):
+        return _usage_error(parser, "give SLIDES or --demo, not both" if args.demo
+                            else "the following arguments are required: SLIDES (or --demo)",
+                            usage=True)
     try:
-        summary = extract_features(
-            args.slides, args.out, model=args.model, mpp=args.mpp, slide_mpp=args.slide_mpp,
-            patch_size=args.patch_size, stride=args.stride, tissue_mask=args.tissue_mask,
-            min_tissue=args.min_tissue, batch_size=args.batch_size, workers=args.workers,
-            device=args.device, precision=args.precision, dtype=args.dtype,
-            also_pt=args.also_pt, overwrite=args.overwrite, d4_average=args.d4_average,
-            seed=args.seed, verbose=args.verbose)
+        if args.demo:
+            return _run_demo(args)
+        from .features.extract import extract_features
+
+        summary = extract_features(args.slides, args.out_dir, model=args.model or DEFAULT_MODEL,
+                                   **_extract_kwargs(args))
     except ExtractionConfigError as error:
-        print(f"equivit extract-features: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+        return _usage_error(parser, cli_message(str(error), _flags(parser)))
     return EXIT_OK if summary.ok else EXIT_FAILED_SLIDES
 
 

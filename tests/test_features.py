@@ -21,9 +21,10 @@ from tiatoolbox import data as tia_data  # noqa: E402
 from tiatoolbox.wsicore.wsireader import WSIReader  # noqa: E402
 
 import equivit_plugin  # noqa: E402
-from equivit_plugin.cli import main  # noqa: E402
+from equivit_plugin.cli import cli_message, main  # noqa: E402
 from equivit_plugin.equivariance import mutual_knn_similarity  # noqa: E402
 from equivit_plugin.features import (  # noqa: E402
+    ExtractionConfig,
     ExtractionConfigError,
     FeatureWriter,
     NoTissueWarning,
@@ -31,9 +32,13 @@ from equivit_plugin.features import (  # noqa: E402
     read_features,
     resolve_slides,
 )
-from equivit_plugin.models.checkpoint import model_from_checkpoint, save_checkpoint  # noqa: E402
-from equivit_plugin.networks.equivit import create_network  # noqa: E402
-from equivit_plugin.tiatoolbox import preprocess_tile  # noqa: E402
+from equivit_plugin.features.slides import quiet_tiatoolbox  # noqa: E402
+from equivit_plugin.models import (  # noqa: E402
+    create_model,
+    load_model,
+    normalise_tile,
+    save_checkpoint,
+)
 
 RI_TINY = "equivit_ri_tiny_patch16_224"
 VIT_TINY = "vit_tiny_patch16_224"
@@ -70,7 +75,7 @@ def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A one-block Equi-ViT-RI tiny checkpoint (a stand-in for trained weights)."""
     torch.manual_seed(3)
     kwargs = {"depth": 1, "num_classes": 0, "img_size": P}
-    net = create_network(RI_TINY, 0, depth=1)
+    net = create_model(RI_TINY, 0, depth=1)
     return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt", net, RI_TINY,
                            model_kwargs=kwargs)
 
@@ -128,10 +133,10 @@ def test_features_equal_direct_forward(svs_run, svs: Path, tiny_ckpt: Path) -> N
     features, coords, _ = read_features(out / "h5_files" / "CMU-1-Small-Region.h5")
     reader = WSIReader.open(svs)
     tiles = np.stack([
-        preprocess_tile(reader.read_rect(location=(int(x), int(y)), size=(P, P),
+        normalise_tile(reader.read_rect(location=(int(x), int(y)), size=(P, P),
                                          resolution=0.5, units="mpp"))
         for x, y in coords])
-    net, _ = model_from_checkpoint(tiny_ckpt)
+    net, _ = load_model(tiny_ckpt)
     with torch.no_grad():
         batch = torch.from_numpy(tiles).permute(0, 3, 1, 2)
         direct = net.forward_head(net.forward_features(batch), pre_logits=True).numpy()
@@ -265,8 +270,16 @@ def test_reduced_precision_and_leftover_temporary_files(tmp_path: Path, he_png: 
     leftover = tmp_path / "bf16" / "h5_files" / ".he.h5.partial"  # as a killed run leaves it
     leftover.parent.mkdir(parents=True)
     leftover.write_bytes(b"half-written")
-    summary = extract_features([he_png], tmp_path / "bf16", precision="bf16", **common)
+    pt_leftover = tmp_path / "bf16" / "pt_files" / ".he.pt.k1l9x_2q.tmp.pt"  # utils.atomic's
+    other_slide = pt_leftover.with_name(".he.pt.x.y.tmp.pt")  # not this slide's: kept
+    pt_leftover.parent.mkdir(parents=True)
+    for path in (pt_leftover, other_slide):
+        path.write_bytes(b"half-written")
+    summary = extract_features([he_png], tmp_path / "bf16", precision="bf16", also_pt=True,
+                               **common)
     assert summary.ok and summary.done and not leftover.exists()
+    assert not pt_leftover.exists() and other_slide.exists()
+    assert (tmp_path / "bf16" / "pt_files" / "he.pt").is_file()
     reference, coords, _ = read_features(tmp_path / "fp32" / "h5_files" / "he.h5")
     features, coords_bf16, attrs = read_features(tmp_path / "bf16" / "h5_files" / "he.h5")
     assert attrs["precision"] == "bf16" and features.dtype == np.float32
@@ -298,11 +311,13 @@ def test_writer_leaves_nothing_when_interrupted(tmp_path: Path) -> None:
 # -- arguments -------------------------------------------------------------------------------
 @pytest.mark.parametrize(("extra", "needle"), [
     (["--model", "no_such_model_224"], "--model 'no_such_model_224'"),
-    (["--model", "missing_checkpoint.pt"], "--model missing_checkpoint.pt"),
+    (["--model", "missing_checkpoint.pt"], "--model 'missing_checkpoint.pt'"),
     (["--precision", "fp8"], "--precision"),
     (["--stride", "0"], "--stride"),
     (["--patch-size", "-3"], "--patch-size"),
-    (["--device", "gpu7"], "--device"),
+    (["--device", "gpu7"], "--device 'gpu7' is not a device"),
+    (["--model", "equivit_ri_tiny_patch16_224", "--patch-size", "100"],
+     "--patch-size 100: --model 'equivit_ri_tiny_patch16_224' cannot embed 100x100 tiles"),
 ])
 def test_usage_errors_exit_2_and_name_the_argument(extra: list[str], needle: str,
                                                    tmp_path: Path, he_png: Path,
@@ -323,10 +338,12 @@ def test_usage_errors_for_output_and_slide_list(tmp_path: Path, he_png: Path,
     empty.mkdir()
     assert main(["extract-features", str(empty), "--out", str(tmp_path / "o")]) == 2
     assert "no slides found" in capsys.readouterr().err
-    with pytest.raises(ExtractionConfigError, match="--stride"):
+    with pytest.raises(ExtractionConfigError, match="stride=") as caught:
         extract_features([he_png], tmp_path / "o", stride=0)
-    with pytest.raises(ExtractionConfigError, match="--precision"):
+    assert caught.value.argument == "stride"
+    with pytest.raises(ExtractionConfigError, match="precision=") as caught:
         extract_features([he_png], tmp_path / "o", precision="int4")
+    assert caught.value.argument == "precision"
 
 
 def test_resolve_slides_from_files_dirs_globs_and_lists(tmp_path: Path) -> None:
@@ -352,33 +369,41 @@ def test_resolve_slides_from_files_dirs_globs_and_lists(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("kwargs", "needle"), [
-    ({"mpp": 0}, "--mpp"),
-    ({"slide_mpp": -1.0}, "--slide-mpp"),
-    ({"tissue_mask": "magic"}, "--tissue-mask"),
-    ({"min_tissue": 1.5}, "--min-tissue"),
-    ({"dtype": "int8"}, "--dtype"),
-    ({"workers": -1}, "--workers"),
-    ({"batch_size": 0}, "--batch-size"),
-    ({"patch_size": 256}, "--patch-size 256"),  # the checkpoint takes 224
+    ({"mpp": 0}, "mpp= must be a positive number, got 0"),
+    ({"slide_mpp": -1.0}, "slide_mpp= must be a positive number"),
+    ({"tissue_mask": "magic"}, "tissue_mask= must be one of"),
+    ({"min_tissue": 1.5}, r"min_tissue= must be in \[0, 1\)"),
+    ({"dtype": "int8"}, "dtype= must be one of"),
+    ({"workers": -1}, "workers= must be an integer >= 0"),
+    ({"batch_size": 0}, "batch_size= must be a positive integer"),
+    ({"patch_size": 256}, "patch_size=256 does not match"),  # the checkpoint takes 224
+    ({"model": "no_such_model_224"}, "model='no_such_model_224' is neither"),
 ])
 def test_python_api_errors_name_the_argument(kwargs: dict, needle: str, tmp_path: Path,
                                              he_png: Path, tiny_ckpt: Path) -> None:
-    with pytest.raises(ExtractionConfigError, match=needle):
-        extract_features([he_png], tmp_path / "o", model=tiny_ckpt, **kwargs)
+    """Messages name the Python argument (``patch_size=``), ``.argument`` holds it."""
+    kwargs = {"model": tiny_ckpt, **kwargs}
+    with pytest.raises(ExtractionConfigError, match=needle) as caught:
+        extract_features([he_png], tmp_path / "o", **kwargs)
+    assert caught.value.argument == next(iter(kwargs.keys() - {"model"}), "model")
+    assert "--" not in str(caught.value)
     assert not list(tmp_path.rglob("*.h5"))
 
 
 def test_cuda_without_a_gpu_and_duplicate_stems_are_config_errors(tmp_path: Path,
                                                                   he_png: Path) -> None:
     if not torch.cuda.is_available():
-        with pytest.raises(ExtractionConfigError, match="--device cuda: CUDA is not available"):
+        with pytest.raises(ExtractionConfigError,
+                           match="device='cuda': CUDA is not available") as caught:
             extract_features([he_png], tmp_path / "o", device="cuda")
+        assert caught.value.argument == "device"
     twin = tmp_path / "other" / he_png.name
     twin.parent.mkdir()
     shutil.copy(he_png, twin)
-    with pytest.raises(ExtractionConfigError, match=f"SLIDES: two slides share the name "
-                                                    f"'{he_png.stem}'"):
+    with pytest.raises(ExtractionConfigError, match=f"slides= two slides share the name "
+                                                    f"'{he_png.stem}'") as caught:
         extract_features([he_png, twin], tmp_path / "o")
+    assert caught.value.argument == "slides"
 
 
 def test_feature_file_errors_name_the_file(tmp_path: Path) -> None:
@@ -394,3 +419,69 @@ def test_feature_file_errors_name_the_file(tmp_path: Path) -> None:
             writer.append(np.zeros((2, 5)), np.zeros((2, 2)))
         with pytest.raises(ValueError, match="3 feature rows for 2 coordinates"):
             writer.append(np.zeros((3, 4)), np.zeros((2, 2)))
+
+
+def test_cli_rewrites_python_arguments_as_flags(tmp_path: Path, he_png: Path, tiny_ckpt: Path,
+                                                capsys: pytest.CaptureFixture) -> None:
+    """One message naming two arguments: both come out as the command line's flags."""
+    code = main(["extract-features", str(he_png), "--out", str(tmp_path), "--model",
+                 str(tiny_ckpt), "--patch-size", "256"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"--patch-size 256 does not match the input size 224 of the checkpoint --model " \
+           f"'{tiny_ckpt}'" in err and "use --patch-size 224" in err
+    assert "patch_size=" not in err and "model=" not in err
+    flags = {"slides": "SLIDES:", "patch_size": "--patch-size", "model": "--model"}
+    assert cli_message("slides= no slides found", flags) == "SLIDES: no slides found"
+    assert cli_message("model_kwargs={} and model='x'", flags) == "model_kwargs={} and --model 'x'"
+
+
+def test_cli_needs_slides_or_demo_not_both(tmp_path: Path, he_png: Path,
+                                           capsys: pytest.CaptureFixture) -> None:
+    assert main(["extract-features", "--out", str(tmp_path)]) == 2
+    assert "required: SLIDES (or --demo)" in capsys.readouterr().err
+    assert main(["extract-features", str(he_png), "--demo", "--out", str(tmp_path)]) == 2
+    assert "give SLIDES or --demo, not both" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_quiet_tiatoolbox_drops_only_tiatoolbox_records(caplog: pytest.LogCaptureFixture) -> None:
+    """TIAToolbox's own warnings are dropped during the block; the user's are not, logging is
+    not switched off, and nothing is left behind afterwards."""
+    import logging
+
+    import tiatoolbox
+    from tiatoolbox.wsicore.wsimeta import WSIMeta
+
+    root = logging.getLogger()
+    filters_before = list(root.filters)
+    tia_file = str(Path(tiatoolbox.__file__).parent / "wsicore" / "wsimeta.py")
+    with caplog.at_level(logging.INFO):
+        with quiet_tiatoolbox():
+            assert logging.root.manager.disable == 0  # logging stays on
+            WSIMeta(slide_dimensions=(10, 10), axes="YXS")  # logs "Unknown scale"
+            logging.warning("my own warning")
+            logging.getLogger("my.module").warning("my module's warning")
+            root.handle(logging.LogRecord("root", logging.ERROR, tia_file, 1,
+                                          "a TIAToolbox error", None, None))
+        messages = [record.getMessage() for record in caplog.records]
+        assert "my own warning" in messages and "my module's warning" in messages
+        assert "a TIAToolbox error" in messages  # errors still get through
+        assert not any("Unknown scale" in m or "Raw data" in m for m in messages), messages
+        caplog.clear()
+        WSIMeta(slide_dimensions=(10, 10), axes="YXS")  # after the block: logged again
+        assert any("Unknown scale" in r.getMessage() for r in caplog.records)
+    assert root.filters == filters_before
+
+
+def test_config_is_checked_and_normalised_once(tmp_path: Path, he_png: Path) -> None:
+    config = ExtractionConfig([he_png], tmp_path / "o", patch_size=112.0, precision="bfloat16",
+                              workers=np.int64(0), model_kwargs=None)
+    assert (config.patch_size, config.stride, config.workers) == (112, 112, 0)
+    assert config.precision == "bf16" and config.model_kwargs == {}
+    assert config.slide_paths == (he_png,) and config.out_dir == tmp_path / "o"
+    assert not (tmp_path / "o").exists()  # nothing written until the run prepares its output
+    with pytest.raises(ExtractionConfigError, match="batch_size= must be a positive integer, "
+                                                    "got True") as caught:
+        ExtractionConfig([he_png], tmp_path / "o", batch_size=True)
+    assert caught.value.argument == "batch_size"

@@ -1,5 +1,6 @@
-"""``equivit extract-features`` as separate processes: the installed console script, a run
-killed with SIGKILL and resumed, and two ``torchrun`` ranks sharing the slides (CPU, gloo)."""
+"""``equivit extract-features`` as separate processes: the installed console script (and that
+it answers ``--help`` without importing torch), a run killed with SIGKILL and resumed, and two
+``torchrun`` ranks sharing the slides (CPU, gloo)."""
 
 from __future__ import annotations
 
@@ -23,8 +24,7 @@ from tiatoolbox import data as tia_data  # noqa: E402
 
 from equivit_plugin.features import read_features  # noqa: E402
 from equivit_plugin.features.h5 import is_complete  # noqa: E402
-from equivit_plugin.models.checkpoint import save_checkpoint  # noqa: E402
-from equivit_plugin.networks.equivit import create_network  # noqa: E402
+from equivit_plugin.models import create_model, save_checkpoint  # noqa: E402
 
 RI_TINY = "equivit_ri_tiny_patch16_224"
 CONSOLE_SCRIPT = Path(sys.executable).with_name("equivit")
@@ -38,7 +38,7 @@ def _env() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(4)
-    net = create_network(RI_TINY, 0, depth=1)
+    net = create_model(RI_TINY, 0, depth=1)
     return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt", net, RI_TINY,
                            model_kwargs={"depth": 1, "num_classes": 0, "img_size": 224})
 
@@ -60,9 +60,25 @@ def test_help_via_console_script() -> None:
     result = subprocess.run([str(CONSOLE_SCRIPT), "extract-features", "--help"],
                             capture_output=True, text=True, timeout=300, env=_env())
     assert result.returncode == 0, result.stderr
-    for option in ("--out", "--model", "--mpp", "--slide-mpp", "--tissue-mask", "--workers",
-                   "--precision", "--also-pt", "--overwrite", "--d4-average"):
+    for option in ("--demo", "--out", "--model", "--mpp", "--slide-mpp", "--tissue-mask",
+                   "--workers", "--precision", "--also-pt", "--overwrite", "--d4-average"):
         assert option in result.stdout
+
+
+def test_cli_import_and_help_do_not_import_torch() -> None:
+    """``equivit --help`` must be instant: no torch, timm or TIAToolbox behind it."""
+    heavy = ("torch", "timm", "tiatoolbox", "monai")
+    check = (f"import sys, equivit_plugin.cli as cli; code = cli.main({{argv!r}}); "
+             f"loaded = [m for m in {heavy!r} if m in sys.modules]; "
+             f"assert not loaded, loaded; sys.exit(code)")
+    for argv, expected in ((["extract-features", "--help"], 0), (["--help"], 0),
+                           (["extract-features", "--out", "x"], 2),
+                           (["extract-features", "s.svs", "--out", "x", "--precision", "fp8"],
+                            2)):
+        result = subprocess.run([sys.executable, "-c", check.format(argv=argv)],
+                                capture_output=True, text=True, timeout=60, env=_env())
+        assert result.returncode == expected, (argv, result.stdout, result.stderr)
+        assert "AssertionError" not in result.stderr, result.stderr
 
 
 def test_sigkill_then_resume(tmp_path: Path, tiny_ckpt: Path) -> None:

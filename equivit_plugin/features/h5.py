@@ -16,21 +16,24 @@ writes them, so both projects' MIL trainers and TRIDENT's slide encoders read it
 ``coords`` are level-0 pixel top-left corners ``(x, y)``; row ``i`` of ``features`` belongs to
 row ``i`` of ``coords``.
 
-A file is written under a hidden temporary name in the same folder (``.<stem>.h5.partial``),
-flushed, fsynced and then renamed: a visible ``<stem>.h5`` is always complete, and a killed run
-leaves at most a temporary file, which the next run overwrites.
+A file is written under a hidden temporary name in the same folder (``.<stem>.h5.partial``, a
+fixed name so that a later run finds and removes what a killed one left), flushed, fsynced,
+given normal permissions and then renamed (:func:`~equivit_plugin.utils.atomic.commit_file`):
+a visible ``<stem>.h5`` is always complete, and a killed run leaves at most a temporary file,
+which the next run overwrites.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
+
+from ..utils.atomic import commit_file
 
 __all__ = ["FeatureWriter", "is_complete", "partial_path", "read_attrs", "read_features"]
 
@@ -41,21 +44,6 @@ def partial_path(path: str | Path) -> Path:
     """The temporary name ``path`` is written under before the final rename."""
     path = Path(path)
     return path.with_name(f".{path.name}{PARTIAL_SUFFIX}")
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(folder: Path) -> None:
-    # Makes the rename itself durable; not every platform/filesystem allows it.
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _attr(value: Any) -> Any:
@@ -138,20 +126,19 @@ class FeatureWriter:
         self._coords[start:self.n] = coords
 
     def close_temporary(self) -> Path:
-        """Flush and close the temporary file (complete, not yet visible); returns its path."""
+        """Flush and close the temporary file (complete, not yet visible or fsynced); returns its
+        path."""
         if self._file is not None:
             self._file.flush()
             self._file.close()
             self._file = None
-            _fsync(self.tmp)
         return self.tmp
 
     def commit(self) -> Path:
-        """Close the file and rename it to :attr:`path`; returns :attr:`path`."""
+        """Close the file, fsync it and rename it to :attr:`path`
+        (:func:`~equivit_plugin.utils.atomic.commit_file`); returns :attr:`path`."""
         self.close_temporary()
-        os.replace(self.tmp, self.path)
-        _fsync_dir(self.path.parent)
-        return self.path
+        return commit_file(self.tmp, self.path)
 
     def abort(self) -> None:
         """Close and delete the temporary file."""

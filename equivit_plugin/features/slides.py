@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import glob
+import importlib.util
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -118,21 +120,49 @@ def resolve_slides(inputs: str | Path | Sequence[str | Path]) -> list[Path]:
     return slides
 
 
+class _DropTiatoolboxWarnings(logging.Filter):
+    """Drops records below ``ERROR`` logged from inside the TIAToolbox package."""
+
+    def __init__(self, package_dir: str) -> None:
+        super().__init__()
+        self.package_dir = package_dir
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        inside = os.path.normcase(os.path.abspath(record.pathname)).startswith(self.package_dir)
+        return not (inside and record.levelno < logging.ERROR)
+
+
+@functools.lru_cache(maxsize=1)
+def _tiatoolbox_dir() -> str | None:
+    spec = importlib.util.find_spec("tiatoolbox")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = os.path.abspath(next(iter(spec.submodule_search_locations)))
+    return os.path.normcase(folder) + os.sep
+
+
 @contextlib.contextmanager
 def quiet_tiatoolbox() -> Iterator[None]:
-    """Silence TIAToolbox's log warnings while opening a slide.
+    """Drop TIAToolbox's own log records below ``ERROR`` for the duration of the block.
 
     TIAToolbox logs through the *root* logger; every ``VirtualWSIReader`` it builds (opening a
     plain image, and each tissue mask) logs "Raw data is None" and "Unknown scale (no
     objective_power or mpp)" even when the resolution is given; our own :class:`SlideError`
-    says what matters.
+    says what matters. Only records whose source file is inside the ``tiatoolbox`` package are
+    dropped (a filter on the root logger, removed afterwards): everything else, the caller's
+    own warnings included, still gets through, during the block and after it.
     """
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
+    package_dir = _tiatoolbox_dir()
+    if package_dir is None:
+        yield
+        return
+    drop = _DropTiatoolboxWarnings(package_dir)
+    root = logging.getLogger()
+    root.addFilter(drop)
     try:
         yield
     finally:
-        logging.disable(previous)
+        root.removeFilter(drop)
 
 
 @dataclass

@@ -12,23 +12,18 @@ were embedded.
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset
 
+from .config import TISSUE_MASKS
 from .slides import OpenedSlide, quiet_tiatoolbox, reopen
 
-__all__ = ["MASK_MPP", "TISSUE_MASKS", "TileDataset", "TileGrid", "normalise_batch",
-           "read_tile", "tile_grid"]
-
-TISSUE_MASKS = ("otsu", "morphological", "none")
-"""``tissue_mask`` choices: TIAToolbox's two maskers, or ``"none"`` (every tile)."""
+__all__ = ["MASK_MPP", "TISSUE_MASKS", "TileDataset", "TileGrid", "read_tile", "tile_grid"]
 
 MASK_MPP = 8.0
 """Resolution of the tissue mask, micrometres per pixel (about 1.25x): a 224-px tile at
@@ -117,7 +112,7 @@ class TileDataset(Dataset):
     shared across a fork. An open ``reader`` may be handed in for use in this process only.
 
     Tiles stay uint8 until they reach the device (4x less host-to-device traffic);
-    :func:`normalise_batch` does the rest there.
+    :func:`equivit_plugin.models.normalise_batch` does the rest there.
     """
 
     def __init__(self, slide: OpenedSlide, coords: np.ndarray, patch_size: int,
@@ -149,21 +144,3 @@ class TileDataset(Dataset):
         tile = read_tile(self._get_reader(), self.coords[index], self.patch_size,
                          self.target_mpp)
         return torch.from_numpy(tile)
-
-
-@functools.lru_cache(maxsize=8)
-def _imagenet_affine(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    # x / 255 then (x - mean) / std is x * scale - shift: two in-place passes instead of four
-    # allocating ones; kept on the device, no small host-to-device copies per batch.
-    mean = torch.tensor(IMAGENET_DEFAULT_MEAN, dtype=torch.float64)
-    std = torch.tensor(IMAGENET_DEFAULT_STD, dtype=torch.float64)
-    scale, shift = 1.0 / (255.0 * std), mean / std
-    return (scale.float().view(1, 3, 1, 1).to(device), shift.float().view(1, 3, 1, 1).to(device))
-
-
-def normalise_batch(batch: torch.Tensor) -> torch.Tensor:
-    """uint8 ``(B, H, W, 3)`` -> float32 ``(B, 3, H, W)``: ``/255`` then ImageNet mean/std,
-    the arithmetic of ``equivit_plugin.tiatoolbox.preprocess_tile`` (to float32 rounding), on
-    ``batch``'s device."""
-    scale, shift = _imagenet_affine(batch.device)
-    return batch.permute(0, 3, 1, 2).to(torch.float32).mul_(scale).sub_(shift)

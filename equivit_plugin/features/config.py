@@ -1,0 +1,186 @@
+"""The settings of a feature-extraction run, checked once (:class:`ExtractionConfig`), and the
+pipeline's constants.
+
+Importing this module does not import torch, timm or TIAToolbox: the command line takes its
+``choices`` and defaults from here and answers ``--help`` at once.
+
+Errors name the *Python* argument (``patch_size= must be a positive integer, got -3``) and
+carry it in :attr:`ExtractionConfigError.argument`; the command line rewrites them with its
+own flags (``--patch-size must be ...``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from numbers import Integral
+from pathlib import Path
+from typing import Any
+
+from ..utils.precision import canonical_precision
+from .slides import resolve_slides
+
+__all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "DEFAULT_MODEL",
+    "DEFAULT_MPP",
+    "DEFAULT_PATCH_SIZE",
+    "H5_DIR",
+    "OUT_DTYPES",
+    "PT_DIR",
+    "TISSUE_MASKS",
+    "ExtractionConfig",
+    "ExtractionConfigError",
+    "default_workers",
+]
+
+DEFAULT_MODEL = "equivit_ri_small_patch16_224"
+"""Encoder used when none is given (random weights: a warning says so)."""
+DEFAULT_MPP = 0.5
+"""Target resolution, micrometres per pixel (20x)."""
+DEFAULT_PATCH_SIZE = 224
+"""Tile side at the target resolution, pixels."""
+DEFAULT_BATCH_SIZE = 64
+"""Tiles per forward pass."""
+H5_DIR = "h5_files"
+"""Sub-folder of the output folder with one ``<slide_stem>.h5`` per slide."""
+PT_DIR = "pt_files"
+"""Sub-folder with CLAM's ``<slide_stem>.pt`` (``also_pt``)."""
+TISSUE_MASKS: tuple[str, ...] = ("morphological", "otsu", "none")
+"""``tissue_mask`` choices: TIAToolbox's two maskers, or ``"none"`` (every tile)."""
+OUT_DTYPES: tuple[str, ...] = ("float32", "float16")
+"""Stored feature dtypes."""
+
+
+class ExtractionConfigError(ValueError):
+    """Bad arguments; nothing was processed.
+
+    Attributes:
+        argument: the Python argument at fault (``"patch_size"``, ``"model"``...), also named
+            in the message as ``patch_size=``; ``""`` when no single argument is.
+    """
+
+    def __init__(self, message: str, argument: str = "") -> None:
+        super().__init__(message)
+        self.argument = argument
+
+
+def default_workers() -> int:
+    """``DataLoader`` workers when none are given: half the CPUs, at most 4."""
+    return min(4, max(0, (os.cpu_count() or 1) // 2))
+
+
+def _integer(name: str, value: Any, minimum: int) -> int:
+    """``value`` as an int ``>= minimum`` (integral floats and numpy integers accepted)."""
+    is_number = isinstance(value, (int, float, Integral)) and not isinstance(value, bool)
+    if not is_number or not math.isfinite(value) or int(value) != value or value < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ExtractionConfigError(f"{name}= must be {what}, got {value!r}", name)
+    return int(value)
+
+
+def _positive_float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not (value > 0 and math.isfinite(value)):
+        raise ExtractionConfigError(f"{name}= must be a positive number, got {value!r}", name)
+    return float(value)
+
+
+def _choice(name: str, value: Any, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ExtractionConfigError(f"{name}= must be one of {list(choices)}, got {value!r}",
+                                    name)
+    return str(value)
+
+
+@dataclass
+class ExtractionConfig:
+    """Every setting of :func:`~equivit_plugin.features.extract_features`, validated and
+    normalised on construction (see that function for the meaning of each).
+
+    After construction ``stride`` and ``workers`` hold their resolved values, ``precision`` is
+    canonical (``fp32``/``bf16``/``fp16``), ``out_dir`` is a ``Path`` and
+    :attr:`slide_paths` is the sorted slide list (:func:`~.slides.resolve_slides`).
+
+    Raises:
+        ExtractionConfigError: the first bad argument (``.argument`` names it).
+    """
+
+    slides: str | Path | Sequence[str | Path]
+    out_dir: str | Path
+    model: str | Path = DEFAULT_MODEL
+    model_kwargs: Mapping[str, Any] | None = None
+    mpp: float = DEFAULT_MPP
+    slide_mpp: float | None = None
+    patch_size: int = DEFAULT_PATCH_SIZE
+    stride: int | None = None
+    tissue_mask: str = "morphological"
+    min_tissue: float = 0.0
+    batch_size: int = DEFAULT_BATCH_SIZE
+    workers: int | None = None
+    device: Any = "cpu"
+    precision: str = "fp32"
+    dtype: str = "float32"
+    also_pt: bool = False
+    overwrite: bool = False
+    d4_average: bool = False
+    seed: int = 0
+    verbose: bool = False
+    slide_paths: tuple[Path, ...] = field(init=False, default=())
+
+    def __post_init__(self) -> None:
+        self.patch_size = _integer("patch_size", self.patch_size, 1)
+        self.batch_size = _integer("batch_size", self.batch_size, 1)
+        self.stride = _integer("stride", self.patch_size if self.stride is None
+                               else self.stride, 1)
+        self.mpp = _positive_float("mpp", self.mpp)
+        if self.slide_mpp is not None:
+            self.slide_mpp = _positive_float("slide_mpp", self.slide_mpp)
+        self.tissue_mask = _choice("tissue_mask", self.tissue_mask, TISSUE_MASKS)
+        if not (isinstance(self.min_tissue, (int, float)) and 0.0 <= self.min_tissue < 1.0):
+            raise ExtractionConfigError(
+                f"min_tissue= must be in [0, 1), got {self.min_tissue!r}", "min_tissue")
+        self.min_tissue = float(self.min_tissue)
+        try:
+            self.precision = canonical_precision(self.precision, "precision")
+        except ValueError as error:
+            raise ExtractionConfigError(str(error), "precision") from None
+        self.dtype = _choice("dtype", self.dtype, OUT_DTYPES)
+        self.workers = _integer("workers", default_workers() if self.workers is None
+                                else self.workers, 0)
+        self.model_kwargs = dict(self.model_kwargs or {})
+        self.out_dir = Path(self.out_dir)
+        try:
+            self.slide_paths = tuple(resolve_slides(self.slides))
+        except ValueError as error:
+            raise ExtractionConfigError(f"slides= {error}", "slides") from error
+
+    @property
+    def h5_dir(self) -> Path:
+        """``<out_dir>/h5_files``."""
+        return Path(self.out_dir) / H5_DIR
+
+    @property
+    def pt_dir(self) -> Path:
+        """``<out_dir>/pt_files``."""
+        return Path(self.out_dir) / PT_DIR
+
+    def prepare_output(self) -> None:
+        """Create the output folders and check that files can be written there.
+
+        Raises:
+            ExtractionConfigError: ``out_dir`` cannot be created or written to.
+        """
+        try:
+            folders = (self.out_dir, self.h5_dir, *((self.pt_dir,) if self.also_pt else ()))
+            for folder in folders:
+                folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.h5_dir):
+                pass
+        except OSError as error:
+            raise ExtractionConfigError(
+                f"out_dir={str(self.out_dir)!r}: cannot write there ({error})", "out_dir") \
+                from error
