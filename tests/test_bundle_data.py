@@ -221,7 +221,7 @@ def test_orientation_matches_pil_on_non_square_image(tmp_path: Path) -> None:
     assert np.array_equal(loaded.numpy(), np.asarray(Image.open(path)).astype(np.float32))
     # Upsampling only (48 > 40 > 24), so no anti-aliasing blur: bilinear keeps ramps monotone.
     with pytest.warns(UserWarning, match="40x24"):
-        image = _plain(tile_transforms(img_size=48)({"image": str(path)})["image"])
+        image = _plain(tile_transforms(img_size=48, fit="resize")({"image": str(path)})["image"])
     # Channel 0 grows along columns (last dim), channel 1 along rows: no transpose happened.
     for channel, along, across in ((0, 1, 0), (1, 0, 1)):
         ramp = image[channel]
@@ -236,6 +236,42 @@ def test_grayscale_and_rgba_become_rgb_with_warning(tmp_path: Path, mode: str, k
         image = tile_transforms(img_size=32)({"image": str(path)})["image"]
     assert image.shape == (3, 32, 32)
     assert (_plain(image) - _reference(path)).abs().max() < 1e-5
+
+
+def _manual(array: np.ndarray, size: int) -> torch.Tensor:
+    """Independent reference: MONAI ``Resize`` on the tensor, then /255 and ImageNet."""
+    from monai.transforms import Resize
+
+    chw = torch.from_numpy(array.astype(np.float32).transpose(2, 0, 1).copy())
+    resized = Resize((size, size), mode="bilinear", anti_aliasing=True)(chw)
+    resized = resized.as_tensor() if hasattr(resized, "as_tensor") else resized
+    return (resized / 255.0 - torch.from_numpy(MEAN).view(3, 1, 1)) / \
+        torch.from_numpy(STD).view(3, 1, 1)
+
+
+def test_non_square_tile_is_centre_cropped_then_resized(tmp_path: Path) -> None:
+    from tiatoolbox.data import stain_norm_target
+
+    array = np.ascontiguousarray(stain_norm_target()[100:400, 200:700, :3])  # real H&E, 500x300
+    path = tmp_path / "X" / "wide.png"
+    path.parent.mkdir()
+    Image.fromarray(array).save(path)
+    with pytest.warns(UserWarning, match=r"500x300.*centre-cropping it to 300x300"):
+        cropped = _plain(tile_transforms(img_size=64)({"image": str(path)})["image"])
+    expected = _manual(array[:, 100:400], 64)  # the middle 300 columns
+    assert cropped.shape == (3, 64, 64)
+    assert (cropped - expected).abs().max() < 1e-4
+    # The old behaviour stays available: the whole tile squashed to 64 x 64.
+    with pytest.warns(UserWarning, match=r"500x300.*; resizing it"):
+        squashed = _plain(tile_transforms(img_size=64, fit="resize")({"image": str(path)})["image"])
+    assert (squashed - _manual(array, 64)).abs().max() < 1e-4
+    assert (squashed - cropped).abs().max() > 0.5, "crop and resize must differ on this tile"
+    # Square tiles are untouched by the crop.
+    square = _save(tmp_path / "X" / "square.png", (64, 64))
+    assert torch.equal(_plain(tile_transforms(64)({"image": str(square)})["image"]),
+                       _plain(tile_transforms(64, fit="resize")({"image": str(square)})["image"]))
+    with pytest.raises(ValueError, match="fit must be one of"):
+        tile_transforms(64, fit="stretch")
 
 
 def test_ensure_rgb_rejects_other_channel_counts() -> None:

@@ -8,6 +8,7 @@ Configs run on tiny real data (18 LC25000 lung tiles, 3 classes) with a 1-block 
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import math
 import os
@@ -29,11 +30,10 @@ from equivit_plugin.bundle.training import (
     MetricsJSONWriter,
     TrainingStateSaver,
     adamw_param_groups,
-    atomic_write_json,
     resolve_resume,
     warmup_cosine_schedule,
 )
-from equivit_plugin.models import load_checkpoint, model_from_checkpoint
+from equivit_plugin.models import create_model, load_checkpoint, load_model
 from equivit_plugin.networks import create_network
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -105,7 +105,11 @@ def _error_chain(error: BaseException) -> str:
 def trained(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A bundle root after one epoch of train.json on the tiny data."""
     root = tmp_path_factory.mktemp("trained")
-    _train(root, tiny_data)
+    old = os.umask(0o022)  # so that owner-only (0600) temporary files would show
+    try:
+        _train(root, tiny_data)
+    finally:
+        os.umask(old)
     return root
 
 
@@ -130,38 +134,80 @@ def _fake_evaluator(values: list[float], net: torch.nn.Module) -> Engine:
 # ----------------------------------------------------------------------- configs: end to end
 
 
-def test_configs_follow_the_shared_conventions() -> None:
+def _documented_defaults() -> dict[str, str]:
+    """``{key: default}`` from the key table of ``monai_bundle/docs/README.md`` (cells like
+    ``| `max_epochs`, `batch_size` | `10`, `64` | ... |``)."""
+    import re
+
+    lines = (BUNDLE / "docs" / "README.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| key | default |"))
+    table = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        keys, values = re.findall(r"`([^`]+)`", cells[0]), re.findall(r"`([^`]+)`", cells[1])
+        if len(keys) == len(values):
+            table.update(zip(keys, values))
+    return table
+
+
+def test_documented_defaults_are_the_config_values() -> None:
     train = json.loads(TRAIN.read_text())
-    assert {"$import torch", "$import equivit_plugin"} <= set(train["imports"])
-    assert train["bundle_root"] == "."
-    assert train["device"] == "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')"
-    assert train["network_name"] == NAME and train["img_size"] == 224
-    assert train["num_classes"] == "$len(@class_names)"
-    assert train["network_def"] == {"_target_": "equivit_plugin.networks.create_network",
-                                    "model_name": "@network_name", "num_classes": "@num_classes",
-                                    "img_size": "@img_size"}
-    assert train["network"] == "$@network_def.to(@device)"
-    assert train["ckpt_path"] == "$@bundle_root + '/models/model.pt'"
-    assert train["amp"] == "$torch.cuda.is_available()"
-    assert train["augment"] is False and train["max_epochs"] == 10 and train["batch_size"] == 64
-    # The multi-GPU file only overrides: every key it sets must exist in train.json or be new
-    # plumbing (samplers, backend, process-group hooks).
+    documented = _documented_defaults()
+    checked = 0
+    for key, text in documented.items():
+        value = train[key]
+        if isinstance(value, (dict, list)) or (isinstance(value, str) and value[:1] in "$@"):
+            continue  # an expression, documented in words
+        try:
+            expected = json.loads(text)
+        except json.JSONDecodeError:
+            expected = text
+        assert value == expected, f"train.json {key}={value!r}, docs say {text}"
+        checked += 1
+    assert checked >= 15 and {"max_epochs", "batch_size", "network_name", "tile_fit"} <= \
+        set(documented)
+
+
+def test_train_config_builds_what_its_values_say(tiny_data: Path) -> None:
+    """train.json's values drive the network: name, classes from the folders, input size, and
+    model_kwargs rebuild the same architecture (what model.pt is loaded with)."""
+    parser = ConfigParser(json.loads(TRAIN.read_text()))
+    parser.update({"dataset_dir": str(tiny_data), "img_size": 32, "network_def#depth": 1,
+                   "model_kwargs#depth": 1})
+    assert "$import equivit_plugin.networks" in parser["imports"]  # MONAI door, imported
+    net = parser.get_parsed_content("network_def")
+    assert net.default_cfg["architecture"] == parser["network_name"]
+    assert parser.get_parsed_content("class_names") == LUNG
+    with torch.no_grad():
+        assert net(torch.randn(2, 3, 32, 32)).shape == (2, len(LUNG))
+    rebuilt = create_model(parser["network_name"], **parser.get_parsed_content("model_kwargs"))
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == \
+        {k: v.shape for k, v in net.state_dict().items()}
+    assert parser.get_parsed_content("device").type == ("cuda" if torch.cuda.is_available()
+                                                         else "cpu")
+    assert parser.get_parsed_content("amp") is torch.cuda.is_available()
+    fit = parser["tile_fit"]
+    for part in ("train", "validate"):
+        assert parser.get_parsed_content(f"{part}#preprocessing#fit") == fit
+    # The multi-GPU file only overrides: it must not replace train.json's imports.
     multi = json.loads(MULTI_GPU.read_text())
     assert {"initialize", "finalize", "network", "device"} <= set(multi)
     assert "imports" not in multi, "overriding imports would drop train.json's"
     # TensorBoard handlers are switched off exactly when tensorboard is not installed.
-    parser = ConfigParser(json.loads(TRAIN.read_text()))
-    available = parser.get_parsed_content("use_tensorboard")
     try:
-        import torch.utils.tensorboard  # noqa: F401
+        importlib.import_module("torch.utils.tensorboard")
         installed = True
     except ImportError:
         installed = False
-    assert available is installed
+    assert parser.get_parsed_content("use_tensorboard") is installed
 
 
 def test_train_writes_self_describing_checkpoint_and_metrics(trained: Path) -> None:
-    model, info = model_from_checkpoint(trained / "models" / "model.pt")
+    model, loaded = load_model(trained / "models" / "model.pt", require_class_names=True)
+    info = {**loaded.extra, "class_names": list(loaded.class_names or []),
+            "model_name": loaded.name, "model_kwargs": dict(loaded.model_kwargs)}
     assert info["class_names"] == LUNG and info["model_name"] == NAME
     assert info["model_kwargs"] == {"num_classes": 3, "img_size": 32, "depth": 1}
     assert info["epoch"] == 1 and 0.0 <= info["metrics"]["val_acc"] <= 1.0
@@ -180,6 +226,11 @@ def test_train_writes_self_describing_checkpoint_and_metrics(trained: Path) -> N
     assert not [p for p in (trained / "models").iterdir() if p.name.endswith(".tmp")]
     events = list((trained / "logs" / "tensorboard").glob("events.out.tfevents.*"))
     assert events and all(e.stat().st_size > 0 for e in events), "no TensorBoard events written"
+    # Every file has the permissions open() gives (written under umask 022 by the fixture),
+    # not mkstemp's owner-only 0600.
+    modes = {p.relative_to(trained).as_posix(): oct(p.stat().st_mode & 0o777)
+             for p in trained.rglob("*") if p.is_file()}
+    assert len(modes) >= 4 and set(modes.values()) == {oct(0o644)}, modes
 
 
 def test_resume_continues_from_the_saved_epoch(trained: Path, tiny_data: Path, tmp_path: Path,
@@ -243,15 +294,18 @@ def test_quick_override_parses_and_starts(shared_data: Path, tmp_path: Path) -> 
     assert dataset == (REPO_ROOT.parent / "shared" / "data" / "lc25000_lung_train").resolve()
     parser["dataset_dir"] = str(shared_data / "lc25000_lung_train")
     assert parser.get_parsed_content("class_names") == LUNG
-    assert parser["network_name"] == NAME and parser["img_size"] == 224
+    quick = json.loads(QUICK.read_text())
+    assert parser["network_name"] == quick["network_name"]
+    assert parser["img_size"] == quick["img_size"]
     # Start it: one training and one validation iteration of the real network on the real data,
     # writing outside the repository.
     _run([TRAIN, QUICK], bundle_root=str(BUNDLE), dataset_dir=parser["dataset_dir"], max_epochs=1,
          epoch_length=1, val_epoch_length=1, batch_size=8, cache_rate=0.0,
          ckpt_path=str(tmp_path / "model.pt"), state_path=str(tmp_path / "last.pt"),
          output_dir=str(tmp_path / "logs"))
-    _, info = model_from_checkpoint(tmp_path / "model.pt")
-    assert info["class_names"] == LUNG and info["model_kwargs"]["img_size"] == 224
+    _, info = load_model(tmp_path / "model.pt")
+    assert list(info.class_names or []) == LUNG and info.img_size == quick["img_size"]
+    assert info.name == quick["network_name"]
 
 
 # ------------------------------------------------------------------------- handlers (units)
@@ -276,8 +330,8 @@ def test_best_checkpoint_only_changes_when_val_accuracy_improves(
     engine.run([0], max_epochs=len(values))
 
     assert saves == [2, 5], "NaN, ties and worse values must not overwrite the best model"
-    model, info = model_from_checkpoint(path)
-    assert info["epoch"] == 5 and info["metrics"] == {"val_acc": 0.75}
+    model, info = load_model(path)
+    assert info.extra["epoch"] == 5 and info.extra["metrics"] == {"val_acc": 0.75}
     assert torch.all(model.head.bias == 5.0), "model.pt must hold the epoch-5 weights"
     assert saver.state_dict()["best_metric"] == 0.75 and saver.best_epoch == 5
 
@@ -318,7 +372,10 @@ def test_architecture_missing_from_model_kwargs_fails_before_training(tmp_path: 
 
 
 def _failing_torch_save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
-    f.write(b"half a checkpoint")
+    if isinstance(f, (str, os.PathLike)):
+        Path(f).write_bytes(b"half a checkpoint")
+    else:
+        f.write(b"half a checkpoint")
     raise OSError("disk full")
 
 
@@ -337,8 +394,8 @@ def test_a_crash_while_saving_never_truncates_model_pt(tmp_path: Path,
     with pytest.raises(OSError, match="disk full"):
         engine.run([0], max_epochs=2)
     monkeypatch.undo()
-    model, info = model_from_checkpoint(path)
-    assert info["epoch"] == 1 and torch.all(model.head.bias == 1.0)
+    model, info = load_model(path)
+    assert info.extra["epoch"] == 1 and torch.all(model.head.bias == 1.0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"], "temporary file left"
     assert saver.best_epoch == 1, "a failed save must not count as the best"
 
@@ -361,12 +418,14 @@ def test_a_crash_while_saving_keeps_the_training_state_and_metrics(
     with pytest.raises(OSError, match="disk full"):
         state_saver(engine)
 
-    def failing_dump(*_args: Any, **_kwargs: Any) -> None:
+    def failing_write(self: Path, text: str, *_args: Any, **_kwargs: Any) -> int:
+        with open(self, "w") as handle:
+            handle.write(text[: len(text) // 2])
         raise OSError("disk full")
 
-    monkeypatch.setattr(json, "dump", failing_dump)
+    monkeypatch.setattr(Path, "write_text", failing_write)
     with pytest.raises(OSError, match="disk full"):
-        atomic_write_json({"epochs": []}, tmp_path / "metrics.json")
+        writer(engine)  # the handler's own rewrite of the metrics file
     monkeypatch.undo()
     assert (tmp_path / "last.pt").read_bytes() == before_state
     assert (tmp_path / "metrics.json").read_text() == before_json
@@ -412,7 +471,7 @@ def test_multi_gpu_config_with_two_gloo_processes(tiny_data: Path, tmp_path: Pat
         "state_path": "$@bundle_root + '/models/last_rank%d.pt' % dist.get_rank()",
         "metrics_path": "$@bundle_root + '/logs/metrics_rank%d.json' % dist.get_rank()",
         "finalize": [
-            "$equivit_plugin.bundle.training.atomic_write_json({"
+            "$equivit_plugin.utils.atomic.atomic_write_json({"
             "'rank': dist.get_rank(), 'world': dist.get_world_size(),"
             "'network': type(@network).__name__,"
             "'train_sampler_used': @train#dataloader.sampler is @train#sampler,"
@@ -469,8 +528,8 @@ def test_multi_gpu_config_with_two_gloo_processes(tiny_data: Path, tmp_path: Pat
     assert events and len(writers) == 1, f"TensorBoard must be written by rank 0 only: {events}"
     assert sorted(set(written) - set(events)) == ["logs/metrics_rank0.json",
                                                   "models/last_rank0.pt", "models/model_rank0.pt"]
-    _, info = model_from_checkpoint(root / "models" / "model_rank0.pt")
-    assert info["class_names"] == LUNG
+    _, info = load_model(root / "models" / "model_rank0.pt")
+    assert list(info.class_names or []) == LUNG
     (record,) = json.loads((root / "logs" / "metrics_rank0.json").read_text())["epochs"]
     assert record["iteration"] == 2  # 6 training tiles per rank, batch 4
 
@@ -554,7 +613,7 @@ def test_ckpt_export_torchscript_matches_the_checkpoint(trained: Path, tiny_data
     assert exported_meta["version"] == json.loads(META.read_text())["version"]
     assert "equivit-plugin" in exported_meta["required_packages_version"]
     assert json.loads(extra["train.json"])["network_name"] == NAME
-    model, _ = model_from_checkpoint(trained / "models" / "model.pt")
+    model, _ = load_model(trained / "models" / "model.pt")
     images = torch.stack([d["image"] for d in _tiles(tiny_data)])
     with torch.no_grad():
         torch.testing.assert_close(scripted(images), model(images), rtol=1e-5, atol=1e-5)

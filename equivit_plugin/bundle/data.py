@@ -33,6 +33,7 @@ import torch
 from monai.config import KeysCollection
 from monai.data import PILReader, partition_dataset_classes
 from monai.transforms import (
+    CenterSpatialCrop,
     Compose,
     EnsureChannelFirstd,
     EnsureTyped,
@@ -45,19 +46,22 @@ from monai.transforms import (
     ScaleIntensityRanged,
 )
 from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from ..models import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
+    "FITS",
     "IMAGE_SUFFIXES",
+    "CenterSquareCropd",
     "EnsureRGBd",
     "LoadTiled",
     "TileReadError",
     "check_readable",
+    "class_folders",
     "class_names",
     "datalist",
     "discover_tiles",
+    "is_image_file",
     "split_tiles",
     "tile_transforms",
 ]
@@ -67,8 +71,8 @@ logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES: tuple[str, ...] = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 """Tile file suffixes, compared case-insensitively."""
 
-IMAGENET_MEAN: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN
-IMAGENET_STD: tuple[float, float, float] = IMAGENET_DEFAULT_STD
+FITS: tuple[str, ...] = ("crop", "resize")
+"""How :func:`tile_transforms` brings a tile to ``img_size x img_size`` (see there)."""
 
 MANIFEST_NAME = "MANIFEST.csv"
 _MANIFEST_PATH_COLUMNS = ("file", "path", "image", "filename")
@@ -87,14 +91,23 @@ class TileReadError(ValueError):
 # --------------------------------------------------------------------------------------------
 
 
-def _is_image(path: Path) -> bool:
-    # Hidden files include macOS "._tile.png" resource forks, which are not images.
+def is_image_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a visible file with a tile suffix (:data:`IMAGE_SUFFIXES`, any case).
+
+    Hidden files are not tiles: they include macOS ``._tile.png`` resource forks.
+    """
+    path = Path(path)
     visible = not path.name.startswith(".")
     return visible and path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
 
 
-def _class_folders(dataset_dir: str | os.PathLike) -> list[str]:
-    """Sorted names of the non-hidden sub-folders of ``dataset_dir`` (no count check)."""
+def class_folders(dataset_dir: str | os.PathLike) -> list[str]:
+    """Sorted names of the non-hidden sub-folders of ``dataset_dir`` (no count check).
+
+    Raises:
+        FileNotFoundError, NotADirectoryError: ``dataset_dir`` is missing or a file.
+        ValueError: no sub-folder at all (the message counts loose images).
+    """
     root = Path(dataset_dir)
     if not root.exists():
         raise FileNotFoundError(f"dataset directory not found: {root}")
@@ -102,7 +115,7 @@ def _class_folders(dataset_dir: str | os.PathLike) -> list[str]:
         raise NotADirectoryError(f"dataset path is not a directory: {root}")
     folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
-        loose = sum(1 for p in root.iterdir() if _is_image(p))
+        loose = sum(1 for p in root.iterdir() if is_image_file(p))
         hint = f"; found {loose} image file(s) directly in it" if loose else ""
         raise ValueError(
             f"dataset directory {root} has no class sub-folders{hint}: expected one sub-folder "
@@ -134,7 +147,7 @@ def class_names(dataset_dir: str) -> list[str]:
         FileNotFoundError: ``dataset_dir`` does not exist.
         ValueError: fewer than 2 class folders (the message names the folder and what it found).
     """
-    return _check_class_list(_class_folders(dataset_dir), f"dataset directory {dataset_dir}")
+    return _check_class_list(class_folders(dataset_dir), f"dataset directory {dataset_dir}")
 
 
 def discover_tiles(dataset_dir: str, class_names: Sequence[str] | None = None) -> list[dict]:
@@ -153,7 +166,7 @@ def discover_tiles(dataset_dir: str, class_names: Sequence[str] | None = None) -
         ValueError: fewer than 2 classes; a class folder without images; a folder class that is
             not in ``class_names``.
     """
-    folders = _class_folders(dataset_dir)
+    folders = class_folders(dataset_dir)
     if class_names is None:
         names = _check_class_list(folders, f"dataset directory {dataset_dir}")
     else:
@@ -167,7 +180,7 @@ def discover_tiles(dataset_dir: str, class_names: Sequence[str] | None = None) -
     items = []
     for folder in folders:
         folder_path = Path(dataset_dir) / folder
-        files = sorted(p for p in folder_path.iterdir() if _is_image(p))
+        files = sorted(p for p in folder_path.iterdir() if is_image_file(p))
         if not files:
             raise ValueError(
                 f"class folder {folder_path} contains no images ({'/'.join(IMAGE_SUFFIXES)})"
@@ -357,7 +370,7 @@ def datalist(
         return split_tiles(
             discover_tiles(dataset_dir, class_names), part, val_fraction, seed, manifest
         )
-    names = list(class_names) if class_names is not None else _class_folders(dataset_dir)
+    names = list(class_names) if class_names is not None else class_folders(dataset_dir)
     return discover_tiles(dataset_dir if part == "train" else val_dir, names)
 
 
@@ -454,12 +467,32 @@ class EnsureRGBd(MapTransform):
         return d
 
 
+class CenterSquareCropd(MapTransform):
+    """Centre-crop a channel-first tile to a square whose side is its short side.
+
+    Input ``(C, H, W)``, output ``(C, s, s)`` with ``s = min(H, W)``, cut by MONAI's
+    :class:`~monai.transforms.CenterSpatialCrop` (its centre convention: the crop starts at
+    ``size // 2 - s // 2`` along each axis); square tiles pass through unchanged.
+    """
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            height, width = d[key].shape[-2:]
+            if height != width:
+                side = min(height, width)
+                d[key] = CenterSpatialCrop(roi_size=(side, side))(d[key])
+        return d
+
+
 class _WarnIfResized(MapTransform):
     """Warn, once per instance (i.e. once per run), when a tile is not ``size x size``."""
 
-    def __init__(self, keys: KeysCollection, size: int, allow_missing_keys: bool = False) -> None:
+    def __init__(self, keys: KeysCollection, size: int, fit: str = "crop",
+                 allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
         self.size = size
+        self.fit = fit
         self.warned = False
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
@@ -468,41 +501,56 @@ class _WarnIfResized(MapTransform):
             height, width = d[key].shape[-2:]
             if not self.warned and (height, width) != (self.size, self.size):
                 self.warned = True
+                side = min(height, width)
+                how = (f"centre-cropping it to {side}x{side}, then resizing it"
+                       if self.fit == "crop" and height != width else "resizing it")
                 warnings.warn(
                     f"{_source_name(d[key])}: tile is {width}x{height} (width x height), not "
-                    f"{self.size}x{self.size}; resizing it and, silently, every other such tile",
+                    f"{self.size}x{self.size}; {how} and, silently, every other such tile",
                     stacklevel=2,
                 )
         return d
 
 
 def tile_transforms(
-    img_size: int = 224, augment: bool = False, keys: Sequence[str] = ("image",)
+    img_size: int = 224, augment: bool = False, keys: Sequence[str] = ("image",),
+    fit: str = "crop",
 ) -> Compose:
     """MONAI pipeline from a datalist item to a normalised tile tensor.
 
     Steps: :class:`LoadTiled` (``LoadImaged`` + ``PILReader``, PIL orientation), channel first,
-    :class:`EnsureRGBd`, resize to ``img_size`` (bilinear, anti-aliased; tiles already that size
-    are untouched), scale 0..255 to 0..1, ImageNet mean/std, float32. With ``augment`` it appends
-    ``RandRotate90d(prob=0.75)`` and ``RandFlipd(prob=0.5)``: the 8 rotations/flips of the
-    square, each with probability 1/8 (the paper trains without geometric augmentation).
+    :class:`EnsureRGBd`, with ``fit="crop"`` :class:`CenterSquareCropd` (a non-square tile, e.g.
+    500 x 300, is centre-cropped to 300 x 300 so nothing is squashed), resize to ``img_size``
+    (bilinear, anti-aliased; tiles already that size are untouched), scale 0..255 to 0..1,
+    ImageNet mean/std (:data:`equivit_plugin.models.IMAGENET_MEAN`/``IMAGENET_STD``), float32.
+    With ``augment`` it appends ``RandRotate90d(prob=0.75)`` and ``RandFlipd(prob=0.5)``: the 8
+    rotations/flips of the square, each with probability 1/8 (the paper trains without
+    geometric augmentation).
 
     Args:
         img_size: output height and width in pixels.
         augment: add random exact 90-degree rotations and flips.
         keys: item keys holding image paths.
+        fit: ``"crop"`` (centre square crop, then resize) or ``"resize"`` (resize the whole
+            tile, squashing a non-square one: the behaviour before the crop existed).
 
     Returns:
         ``Compose`` mapping ``{"image": path, ...}`` to ``{"image": (3, img_size, img_size)
         float32 MetaTensor, ...}``; other keys (``label``, ``class_name``) pass through.
+
+    Raises:
+        ValueError: ``fit`` is not one of :data:`FITS`.
     """
+    if fit not in FITS:
+        raise ValueError(f"tile_transforms: fit must be one of {list(FITS)}, got {fit!r}")
     keys = list(keys)
     size = int(img_size)
     transforms = [
         LoadTiled(keys),
         EnsureChannelFirstd(keys),
         EnsureRGBd(keys),
-        _WarnIfResized(keys, size),
+        _WarnIfResized(keys, size, fit),
+        *([CenterSquareCropd(keys)] if fit == "crop" else []),
         Resized(keys, spatial_size=(size, size), mode="bilinear", anti_aliasing=True),
         ScaleIntensityRanged(keys, a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0),
         NormalizeIntensityd(keys, subtrahend=IMAGENET_MEAN, divisor=IMAGENET_STD,

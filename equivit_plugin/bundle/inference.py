@@ -1,52 +1,84 @@
-"""Inference of the MONAI bundle (``monai_bundle/configs/inference.json``) and its shared helpers.
+"""Inference of the MONAI bundle (``monai_bundle/configs/inference.json``): a prediction CSV
+that loses nothing.
 
-The config stays declarative: it loads the self-describing checkpoint, lists the input images
-(:func:`collect_inputs`), builds a MONAI ``Dataset``/``DataLoader`` with
-:func:`equivit_plugin.bundle.data.tile_transforms` and hands the loader to :func:`predict`,
-which writes ``predictions.csv`` atomically::
+The config stays declarative: it loads the checkpoint with
+:func:`equivit_plugin.models.load_model`, lists the input images (:func:`collect_inputs`),
+builds a :class:`~equivit_plugin.bundle.batches.TileDataset`/``DataLoader`` and hands the
+loader to :func:`predict`::
 
     "inputs": "$equivit_plugin.bundle.inference.collect_inputs(@input_dir, @input_files)",
     "evaluator": {"_target_": "equivit_plugin.bundle.inference.predict", "_mode_": "callable",
                   "network": "@network", "data": "@dataloader", "class_names": "@class_names",
-                  "output_dir": "@output_dir", "device": "@device"},
+                  "output_dir": "@output_dir", "checkpoint_sha256": "...",
+                  "exit_on_error": true},
     "run": ["$@evaluator()"]
+
+What :func:`predict` writes to ``output_dir`` (``predictions`` = the CSV's stem):
+
+- ``predictions.csv.partial`` while it runs: the header, then the rows of each batch appended,
+  flushed and fsynced as soon as the batch is predicted;
+- ``predictions.meta.json`` before the first row: the checkpoint (path, SHA-256, model name)
+  and the CSV's columns, so a rerun can tell whether rows it finds were made by the same model;
+- at the end, atomically: ``predictions.csv`` (one row per readable input tile, in input order),
+  ``failed_tiles.csv`` (``file,reason`` of every unreadable tile, in input order; only the
+  header when there is none), ``predictions.meta.json`` again (``complete: true``, counts);
+  then the ``.partial`` file is removed.
+
+A rerun (``resume=True``, the default) reads the rows already in ``predictions.csv`` and
+``predictions.csv.partial`` (a torn last line of an interrupted run is cut off first), skips
+those tiles, predicts the rest and writes the same ``predictions.csv`` an uninterrupted run
+would have. Rows made by another checkpoint or class list are never mixed in: the run refuses
+with one line. Unreadable tiles are skipped, listed and retried on every rerun; with
+``exit_on_error`` (the config) the run then ends with exit status 1.
 
 The default input of the config, :func:`demo_tiles`, cuts tiles from the H&E image that
 TIAToolbox ships in its package data, so inference runs on a fresh install without any dataset.
-:mod:`equivit_plugin.bundle.evaluation` reuses :func:`checkpoint_class_names`,
-:func:`make_predict_fn`, :func:`tile_loader` and the atomic writers.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
+import json
 import logging
 import os
-import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from .data import IMAGE_SUFFIXES, _is_image, tile_transforms
+from ..utils.atomic import atomic_path, atomic_write_json, atomic_write_text
+from ..utils.demo_data import DEMO_IMAGE_SIZE, demo_he_image
+from .batches import (
+    PredictFn,
+    as_flag,
+    as_loader,
+    as_tensor,
+    batch_failures,
+    batch_files,
+    item_file,
+    iterate_batches,
+    loader_items,
+    make_predict_fn,
+    stop_run,
+    with_items,
+)
+from .data import IMAGE_SUFFIXES, is_image_file
 
 __all__ = [
     "DEMO_TILE_PREFIX",
-    "atomic_write",
-    "atomic_write_text",
-    "batch_files",
-    "checkpoint_class_names",
+    "FAILED_COLUMNS",
+    "PredictionFiles",
+    "PredictionResumeError",
+    "PredictionSummary",
     "collect_inputs",
     "demo_tiles",
-    "make_predict_fn",
     "predict",
-    "tile_loader",
 ]
 
 logger = logging.getLogger(__name__)
@@ -54,170 +86,12 @@ logger = logging.getLogger(__name__)
 DEMO_TILE_PREFIX = "tiatoolbox_he"
 """File-name prefix of the tiles written by :func:`demo_tiles`."""
 
-PredictFn = Callable[[torch.Tensor], torch.Tensor]
+FAILED_COLUMNS = ("file", "reason")
+"""Columns of ``failed_tiles.csv``."""
 
 
-# --------------------------------------------------------------------------------------------
-# Atomic output
-# --------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success rename it over ``path``.
-
-    The temporary file keeps ``path``'s suffix (matplotlib picks the format from it). A crash or
-    an exception inside the block removes it and leaves any previous ``path`` untouched, never a
-    truncated file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}",
-                               dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically, flushed to disk before the rename."""
-    with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    return Path(path)
-
-
-# --------------------------------------------------------------------------------------------
-# Checkpoint, model and data helpers
-# --------------------------------------------------------------------------------------------
-
-
-def checkpoint_class_names(checkpoint: Mapping[str, Any],
-                           ckpt_path: str | None = None) -> list[str]:
-    """The class names a checkpoint predicts, in logit order, checked against its head.
-
-    Args:
-        checkpoint: dict from :func:`equivit_plugin.models.load_checkpoint`.
-        ckpt_path: the file it came from, for error messages.
-
-    Returns:
-        ``K`` class names; logit ``k`` of the model is ``names[k]``.
-
-    Raises:
-        ValueError: the checkpoint has no class names (they are never guessed), or its head has
-            a different number of classes than it has names (both are named).
-    """
-    source = f"checkpoint {ckpt_path}" if ckpt_path else "the checkpoint"
-    names = checkpoint.get("class_names")
-    if not names:
-        raise ValueError(
-            f"{source} has no class names, so its predictions cannot be labelled; re-save it "
-            f"with equivit_plugin.models.save_checkpoint(..., class_names=[...])"
-        )
-    names = [str(n) for n in names]
-    head = (checkpoint.get("model_kwargs") or {}).get("num_classes")
-    if head is not None and int(head) != len(names):
-        raise ValueError(
-            f"{source} has a {int(head)}-class head (model_kwargs num_classes={int(head)}) but "
-            f"{len(names)} class names {names}"
-        )
-    return names
-
-
-def make_predict_fn(network: nn.Module, num_classes: int,
-                    device: str | torch.device = "cpu", amp: bool = False,
-                    inferer: Callable[..., torch.Tensor] | None = None) -> PredictFn:
-    """A batch -> logits function: moves the batch to ``device``, optional AMP, shape check.
-
-    Args:
-        network: the classifier (put in eval mode and moved to ``device`` here).
-        num_classes: ``K`` expected logits per image (the checkpoint's class names).
-        device: where to run.
-        amp: autocast to float16 on CUDA (ignored on other devices).
-        inferer: a MONAI inferer called as ``inferer(images, network)``; ``None``: ``network``.
-
-    Returns:
-        ``fn((B, 3, H, W) float) -> (B, K) float32 logits`` on ``device``; raises ``ValueError``
-        when the network does not return ``(B, K)``.
-    """
-    device = torch.device(device)
-    network.to(device).eval()
-    use_amp = bool(amp) and device.type == "cuda"
-
-    def predict_fn(images: torch.Tensor) -> torch.Tensor:
-        images = images.to(device, non_blocking=True)
-        with torch.no_grad(), torch.autocast(device_type=device.type, enabled=use_amp):
-            logits = inferer(images, network) if inferer is not None else network(images)
-        if logits.dim() != 2 or logits.shape[1] != num_classes:
-            raise ValueError(f"network returned logits of shape {tuple(logits.shape)} for "
-                             f"{images.shape[0]} images; the checkpoint names {num_classes} "
-                             f"classes, so (B, {num_classes}) was expected")
-        return logits.float()
-
-    return predict_fn
-
-
-def tile_loader(items: Sequence[Mapping[str, Any] | str], img_size: int = 224,
-                batch_size: int = 32, num_workers: int = 0) -> Any:
-    """MONAI ``DataLoader`` over tiles, in input order, through the data layer's transforms.
-
-    Args:
-        items: image paths, or datalist dicts with an ``"image"`` path (``label`` etc. pass
-            through); a ``"file"`` key holding the path is added.
-        img_size: tiles are resized to ``img_size x img_size``.
-        batch_size, num_workers: ``DataLoader`` arguments.
-
-    Returns:
-        ``monai.data.DataLoader`` yielding ``{"image": (B, 3, img_size, img_size) float32,
-        "file": list[str], ...}``.
-    """
-    from monai.data import DataLoader, Dataset
-
-    data = [{"image": str(i)} if isinstance(i, (str, os.PathLike)) else dict(i) for i in items]
-    for item in data:
-        item.setdefault("file", str(item["image"]))
-    dataset = Dataset(data, transform=tile_transforms(int(img_size)))
-    return DataLoader(dataset, batch_size=int(batch_size), shuffle=False,
-                      num_workers=int(num_workers))
-
-
-def batch_files(batch: Mapping[str, Any]) -> list[str]:
-    """The source file of each image of a collated batch (``"file"`` key, else image metadata)."""
-    if "file" in batch:
-        return [str(f) for f in batch["file"]]
-    meta = getattr(batch["image"], "meta", None) or {}
-    if "filename_or_obj" not in meta:
-        raise ValueError("batch has neither a 'file' key nor image metadata with the file names")
-    files = meta["filename_or_obj"]
-    return [str(f) for f in (files if isinstance(files, (list, tuple)) else [files])]
-
-
-def _as_tensor(images: Any) -> torch.Tensor:
-    """A plain tensor (a MONAI ``MetaTensor`` tracks metadata through every op: slow, unneeded)."""
-    return images.as_tensor() if hasattr(images, "as_tensor") else torch.as_tensor(images)
-
-
-def _progress(loader: Iterable[Any], desc: str, enabled: bool) -> Iterator[Any]:
-    """Iterate ``loader``, counting images (not batches) on a tqdm bar when ``enabled``."""
-    dataset = getattr(loader, "dataset", None)
-    total = len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None
-    with tqdm(total=total, desc=desc, unit="img", disable=not enabled) as bar:
-        for batch in loader:
-            yield batch
-            bar.update(len(batch["image"]))
-
-
-def _as_loader(data: Iterable[Any], img_size: int, batch_size: int, num_workers: int) -> Any:
-    """``data`` itself when it yields batches; a :func:`tile_loader` when it is a datalist."""
-    if isinstance(data, (list, tuple)) and (not data or isinstance(data[0], (str, os.PathLike))
-                                            or isinstance(data[0].get("image"), (str, Path))):
-        return tile_loader(data, img_size, batch_size, num_workers)
-    return data
+class PredictionResumeError(ValueError):
+    """Rows already in the output folder cannot be resumed (another checkpoint, corrupt file)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,7 +127,7 @@ def collect_inputs(input_dir: str | None = None,
         if not root.is_dir():
             raise FileNotFoundError(f"input directory not found: {root}")
         found = sorted(p for p in root.rglob("*")
-                       if _is_image(p) and not any(part.startswith(".")
+                       if is_image_file(p) and not any(part.startswith(".")
                                                    for part in p.relative_to(root).parts))
         if not found:
             raise ValueError(f"input directory {root} contains no images "
@@ -281,7 +155,7 @@ def demo_tiles(output_dir: str | os.PathLike, tile_size: int = 224) -> list[str]
     """
     tile = int(tile_size)
     out = Path(output_dir)
-    height = width = 1000  # stain_norm_target's documented size; checked below when read
+    height = width = DEMO_IMAGE_SIZE
     if not 1 <= tile <= min(height, width):
         raise ValueError(f"tile_size must be in [1, {min(height, width)}], got {tile_size}")
     rows, cols = height // tile, width // tile
@@ -292,16 +166,12 @@ def demo_tiles(output_dir: str | os.PathLike, tile_size: int = 224) -> list[str]
         return [str(p) for p in paths]
 
     from PIL import Image
-    from tiatoolbox.data import stain_norm_target
 
-    image = np.ascontiguousarray(stain_norm_target())[..., :3]
-    if image.shape[:2] != (height, width):
-        raise ValueError(f"tiatoolbox.data.stain_norm_target() is {image.shape[:2]}, "
-                         f"expected {(height, width)}")
+    image = demo_he_image()
     out.mkdir(parents=True, exist_ok=True)
     for path, (y, x) in zip(paths, corners):
         if not path.is_file():
-            with atomic_write(path) as tmp:
+            with atomic_path(path) as tmp:
                 Image.fromarray(image[y:y + tile, x:x + tile]).save(tmp, format="PNG")
     logger.info("wrote %d demo tiles of %dx%d px from TIAToolbox's H&E sample to %s",
                 len(paths), tile, tile, out)
@@ -309,51 +179,262 @@ def demo_tiles(output_dir: str | os.PathLike, tile_size: int = 224) -> list[str]
 
 
 # --------------------------------------------------------------------------------------------
-# Prediction
+# Prediction files: resumable CSV
 # --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PredictionFiles:
+    """Where :func:`predict` writes, for ``csv_name="predictions.csv"``: ``csv``
+    (``predictions.csv``), ``partial`` (``predictions.csv.partial``), ``meta``
+    (``predictions.meta.json``) and ``failed`` (``failed_tiles.csv``)."""
+
+    csv: Path
+    partial: Path
+    meta: Path
+    failed: Path
+
+    @classmethod
+    def in_folder(cls, output_dir: str | os.PathLike, csv_name: str = "predictions.csv",
+                  failed_name: str = "failed_tiles.csv") -> PredictionFiles:
+        out = Path(output_dir)
+        return cls(csv=out / csv_name, partial=out / f"{csv_name}.partial",
+                   meta=out / f"{Path(csv_name).stem}.meta.json", failed=out / failed_name)
+
+
+@dataclass
+class PredictionSummary:
+    """What :func:`predict` did.
+
+    Attributes:
+        files: the output files.
+        num_inputs: tiles asked for.
+        num_rows: rows in the final CSV (= readable tiles).
+        predicted: rows predicted by this run.
+        reused: rows taken from an earlier run (tiles skipped by this one).
+        failed: ``(file, reason)`` of every unreadable tile, in input order.
+    """
+
+    files: PredictionFiles
+    num_inputs: int
+    num_rows: int
+    predicted: int
+    reused: int
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """Every tile was read and predicted."""
+        return not self.failed
+
+    def format(self) -> str:
+        """The one-line summary printed at the end of a run."""
+        line = (f"inference: {self.num_rows} of {self.num_inputs} tile(s) predicted "
+                f"({self.predicted} now, {self.reused} reused from an earlier run) -> "
+                f"{self.files.csv}")
+        if self.failed:
+            line += (f"; {len(self.failed)} unreadable tile(s) skipped, listed with reasons in "
+                     f"{self.files.failed}")
+        return line
+
+
+def _say(message: str) -> None:
+    """A line for the person running the bundle (stderr, beside the progress bar)."""
+    logger.info(message)
+    print(message, file=sys.stderr, flush=True)
+
+
+def _csv_text(rows: Iterable[Sequence[str]]) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(rows)
+    return buffer.getvalue()
+
+
+def _append_rows(handle: TextIO, rows: Iterable[Sequence[str]]) -> None:
+    """Append CSV rows and make them durable now (flush + fsync)."""
+    handle.write(_csv_text(rows))
+    handle.flush()
+    os.fsync(handle.fileno())
+
+
+def _cut_torn_line(path: Path) -> None:
+    """Cut off a last line without its newline: what a run killed mid-write leaves."""
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as handle:
+            handle.truncate(data.rfind(b"\n") + 1)
+            handle.flush()
+            os.fsync(handle.fileno())
+        logger.warning("%s: cut off a torn last line left by an interrupted run", path)
+
+
+def _read_rows(path: Path, header: list[str], exit_on_error: bool) -> dict[str, list[str]]:
+    """``{file: row}`` of a prediction CSV (or ``.partial``) with exactly ``header``."""
+    _cut_torn_line(path)
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle))
+    if not rows:
+        return {}
+    if rows[0] != header:
+        stop_run(f"{path} has columns {rows[0]}, expected {header}: refusing to resume it; "
+                 f"use another output_dir or --resume false to overwrite it", exit_on_error,
+                 PredictionResumeError)
+    bad = next((n for n, row in enumerate(rows[1:], start=2) if len(row) != len(header)), None)
+    if bad is not None:
+        stop_run(f"{path} line {bad} does not have the {len(header)} columns {header}: "
+                 f"refusing to resume it; use --resume false to start over", exit_on_error,
+                 PredictionResumeError)
+    return {row[0]: row for row in rows[1:]}
+
+
+def _describe(meta: Mapping[str, Any]) -> str:
+    sha = str(meta.get("checkpoint_sha256") or "unknown")
+    return (f"checkpoint {meta.get('checkpoint') or '?'} (sha256 {sha[:12]}, classes "
+            f"{list(meta.get('columns', []))[2:]})")
+
+
+def _previous_rows(files: PredictionFiles, identity: Mapping[str, Any], resume: bool,
+                   exit_on_error: bool) -> dict[str, list[str]]:
+    """Rows an earlier run made with the same checkpoint and classes (``{}`` when none).
+
+    ``resume=False`` deletes the earlier outputs instead.
+    """
+    if not resume:
+        for path in (files.csv, files.partial, files.meta, files.failed):
+            path.unlink(missing_ok=True)
+        return {}
+    existing = [p for p in (files.csv, files.partial) if p.is_file()]
+    if not existing:
+        return {}
+    if not files.meta.is_file():
+        stop_run(f"{existing[0]} exists but {files.meta.name} (which checkpoint made it) does "
+                 f"not: refusing to resume it; use another output_dir or --resume false to "
+                 f"overwrite it", exit_on_error, PredictionResumeError)
+    saved = json.loads(files.meta.read_text(encoding="utf-8"))
+    if any(saved.get(k) != identity[k] for k in ("checkpoint_sha256", "columns")):
+        stop_run(f"{existing[0]} was made by {_describe(saved)}, not by {_describe(identity)}: "
+                 f"refusing to mix their predictions; use another output_dir or --resume false "
+                 f"to overwrite it", exit_on_error, PredictionResumeError)
+    rows: dict[str, list[str]] = {}
+    for path in existing:
+        rows.update(_read_rows(path, list(identity["columns"]), exit_on_error))
+    return rows
+
+
+def _predict_into(loader: Iterable[Any], partial: Path, header: list[str],
+                  predict_fn: PredictFn, rows: dict[str, list[str]],
+                  progress: bool) -> tuple[list[str], list[tuple[str, str]]]:
+    """Predict every batch, appending its rows to ``partial`` (and ``rows``) as it goes.
+
+    Returns:
+        The files predicted, in order, and ``(file, reason)`` of the unreadable tiles met.
+    """
+    names = header[2:]
+    predicted: list[str] = []
+    failed: list[tuple[str, str]] = []
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    fresh = not partial.is_file() or partial.stat().st_size == 0
+    with open(partial, "a", encoding="utf-8", newline="") as handle:
+        if fresh:
+            _append_rows(handle, [header])
+        for batch in iterate_batches(loader, "inference", progress):
+            for file, reason in batch_failures(batch):
+                logger.warning("skipped unreadable tile %s: %s", file, reason)
+                failed.append((file, reason))
+            files = batch_files(batch)
+            if not files:
+                continue
+            probs = torch.softmax(predict_fn(as_tensor(batch["image"])), dim=1).cpu().numpy()
+            new = [[file, names[int(p.argmax())], *(f"{x:.8g}" for x in p)]
+                   for file, p in zip(files, probs.astype(np.float64))]
+            _append_rows(handle, new)
+            rows.update((row[0], row) for row in new)
+            predicted += files
+    return predicted, failed
+
+
+def _commit(files: PredictionFiles, identity: Mapping[str, Any], order: Sequence[str],
+            rows: Mapping[str, list[str]], failed: list[tuple[str, str]]) -> int:
+    """Write the final CSV (rows of ``order``), the failure list and the sidecar atomically,
+    then drop the ``.partial`` file; the number of rows written."""
+    final = [rows[file] for file in dict.fromkeys(order) if file in rows]
+    atomic_write_text(files.csv, _csv_text([list(identity["columns"]), *final]))
+    atomic_write_text(files.failed, _csv_text([list(FAILED_COLUMNS), *failed]))
+    atomic_write_json({**identity, "complete": True, "num_rows": len(final),
+                       "num_failed": len(failed)}, files.meta)
+    files.partial.unlink(missing_ok=True)
+    return len(final)
 
 
 def predict(network: nn.Module, data: Iterable[Any], class_names: Sequence[str],
             output_dir: str | os.PathLike, device: str | torch.device = "cpu",
             amp: bool = False, inferer: Callable[..., torch.Tensor] | None = None,
             csv_name: str = "predictions.csv", img_size: int = 224, batch_size: int = 32,
-            num_workers: int = 0, progress: bool = True) -> Path:
-    """Predict every image and write ``output_dir/csv_name`` atomically.
+            num_workers: int = 0, progress: bool = True, fit: str = "crop",
+            checkpoint: str = "", checkpoint_sha256: str = "", model_name: str = "",
+            resume: bool = True, failed_name: str = "failed_tiles.csv",
+            exit_on_error: bool = False) -> PredictionSummary:
+    """Predict every readable tile into ``output_dir/csv_name``; skip and list unreadable ones.
 
-    CSV columns: ``file``, ``predicted_class`` (the name of the arg-max class), then one column
-    per class, headed by its name, holding the softmax probability (``%.8g``). Rows follow the
-    input order.
+    CSV columns: ``file``, ``predicted_class`` (the arg-max class), then one softmax probability
+    (``%.8g``) per class, headed by its name; rows in input order. Files, resume and refusal:
+    see the module docstring and ``monai_bundle/docs/evaluate_infer.md``.
 
     Args:
         network: classifier mapping ``(B, 3, H, W)`` to ``(B, K)`` logits.
-        data: a loader yielding ``{"image": (B, 3, H, W), "file": [str] ...}`` batches (see
-            :func:`tile_loader`), or a list of image paths / datalist dicts.
+        data: a loader yielding ``{"image": (B, 3, H, W), "file": [str], "failed": [...]}``
+            batches (:func:`~.batches.tile_loader`), or a list of paths / datalist dicts
+            (loaded with ``img_size``/``batch_size``/``num_workers``/``fit``). Skipping tiles
+            predicted earlier needs the datalist, i.e. a list or a loader over a MONAI
+            ``Dataset``; any other iterable is predicted whole.
         class_names: ``K`` names in logit order (from the checkpoint).
-        output_dir: folder for the CSV (created).
-        device: where to run the network.
-        amp: float16 autocast on CUDA.
-        inferer: MONAI inferer ``inferer(images, network)``; ``None``: call ``network``.
-        csv_name: CSV file name.
-        img_size, batch_size, num_workers: used only when ``data`` is a list.
+        output_dir: folder of the outputs (created).
+        device, amp, inferer: where and how to run (float16 autocast on CUDA only;
+            ``inferer(images, network)``, ``None``: ``network``).
+        csv_name, failed_name: output file names.
         progress: show a tqdm progress bar.
+        checkpoint, checkpoint_sha256, model_name: what made the rows (``ModelInfo``), stored
+            in the sidecar; a rerun resumes only rows of the same SHA-256 and classes (when
+            no checkpoint is given, as from Python with a bare network, only the classes).
+        resume: reuse rows of an earlier run; ``False``: delete its outputs and start over.
+        exit_on_error: end with ``SystemExit`` (exit status 1, the summary line on stderr)
+            after writing everything when a tile was unreadable, and stop with one line when
+            the earlier rows cannot be resumed (see :func:`~.batches.stop_run`).
 
     Returns:
-        Path of the CSV.
+        A :class:`PredictionSummary` (its ``format()`` line is printed to stderr).
+
+    Raises:
+        PredictionResumeError: earlier rows of another checkpoint/class list, or corrupt.
+        ValueError: no input at all.
     """
     names = [str(n) for n in class_names]
+    files = PredictionFiles.in_folder(output_dir, csv_name, failed_name)
+    identity = {"checkpoint": str(checkpoint), "checkpoint_sha256": str(checkpoint_sha256),
+                "model_name": str(model_name), "columns": ["file", "predicted_class", *names]}
+    done = _previous_rows(files, identity, as_flag(resume), exit_on_error)
+    loader = as_loader(data, img_size, batch_size, num_workers, fit)
+    items = loader_items(loader)
+    if items is None:
+        done = {}  # the inputs are unknown until iterated: nothing can be skipped
+    elif done:
+        todo = [item for item in items if item_file(item) not in done]
+        _say(f"inference: resuming {files.csv}: {len(items) - len(todo)} of {len(items)} "
+             f"tile(s) already predicted, skipped; {len(todo)} to predict")
+        loader = with_items(loader, todo) if todo else []
+    atomic_write_json({**identity, "complete": False}, files.meta)
+    rows = dict(done)
     predict_fn = make_predict_fn(network, len(names), device, amp, inferer)
-    loader = _as_loader(data, img_size, batch_size, num_workers)
-    rows: list[list[str]] = []
-    for batch in _progress(loader, "inference", progress):
-        probabilities = torch.softmax(predict_fn(_as_tensor(batch["image"])), dim=1).cpu()
-        for file, probs in zip(batch_files(batch), probabilities.numpy()):
-            rows.append([file, names[int(probs.argmax())], *(f"{p:.8g}" for p in probs)])
-    if not rows:
+    predicted, failed = _predict_into(loader, files.partial, identity["columns"], predict_fn,
+                                      rows, progress)
+    order = [item_file(item) for item in items] if items is not None else predicted
+    if not order and not failed:
         raise ValueError("no images to predict")
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["file", "predicted_class", *names])
-    writer.writerows(rows)
-    path = atomic_write_text(Path(output_dir) / csv_name, buffer.getvalue())
-    logger.info("wrote predictions for %d images to %s", len(rows), path)
-    return path
+    num_rows = _commit(files, identity, order, rows, failed)
+    num_inputs = len(dict.fromkeys(order)) + (len(failed) if items is None else 0)
+    summary = PredictionSummary(files, num_inputs, num_rows, len(predicted),
+                                num_rows - len(predicted), failed)
+    if failed and as_flag(exit_on_error):
+        raise SystemExit(summary.format())
+    _say(summary.format())
+    return summary

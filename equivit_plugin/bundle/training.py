@@ -19,8 +19,11 @@ What lives here (and why it is code rather than config):
 * :class:`MetricsJSONWriter` - trainer handler keeping a per-epoch JSON record (loss, learning
   rate, train/validation metrics, time), rewritten atomically after every epoch.
 * :func:`warmup_cosine_schedule` - linear warm-up then cosine decay, stepped per iteration.
-* :func:`adamw_param_groups`, :func:`resolve_resume`, :func:`is_main_process`,
-  :func:`atomic_write_json` - small helpers for expressions.
+* :func:`adamw_param_groups`, :func:`resolve_resume`, :func:`is_main_process` - small helpers
+  for expressions.
+
+Every file goes through :mod:`equivit_plugin.utils.atomic`: written under a temporary name,
+fsynced, given normal permissions (``0666 & ~umask``) and renamed, never left truncated.
 
 Only the main process (rank 0) should save or log in distributed training; the configs disable
 those handlers elsewhere with ``"_disabled_": "$not @is_main_process"``.
@@ -28,11 +31,9 @@ those handlers elsewhere with ``"_disabled_": "$not @is_main_process"``.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -45,14 +46,14 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-from equivit_plugin.models.checkpoint import atomic_save, save_checkpoint
+from ..models import create_model, save_checkpoint
+from ..utils.atomic import atomic_save, atomic_write_json
 
 __all__ = [
     "BestCheckpointSaver",
     "MetricsJSONWriter",
     "TrainingStateSaver",
     "adamw_param_groups",
-    "atomic_write_json",
     "is_main_process",
     "resolve_resume",
     "warmup_cosine_schedule",
@@ -74,35 +75,6 @@ def is_main_process() -> bool:
     """
     dist = torch.distributed
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def _default_file_mode() -> int:
-    """The permissions ``open()`` would give a new file under the current umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def atomic_write_json(obj: Any, path: str | os.PathLike) -> Path:
-    """Write ``obj`` as indented JSON to a temporary file next to ``path``, then rename it.
-
-    A crash mid-write leaves the previous file intact, never a truncated one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, _default_file_mode())  # mkstemp makes it owner-only (0600)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(obj, handle, indent=2)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 _FALSE_STRINGS = {"", "0", "false", "no", "none", "null"}
@@ -231,7 +203,7 @@ class BestCheckpointSaver:
     MONAI's ``SupervisedEvaluator.run(global_epoch)`` sets the evaluator's epoch to the trainer's,
     so ``epoch`` in the file is the training epoch.
 
-    Before the first validation it builds ``timm.create_model(model_name, **model_kwargs)`` once
+    Before the first validation it builds ``create_model(model_name, **model_kwargs)`` once
     on the CPU and checks that its state-dict keys and shapes match the network's, so an
     architecture argument given to ``network_def`` but not to ``model_kwargs`` fails at the
     start of training rather than producing a ``model.pt`` that cannot be loaded.
@@ -244,7 +216,8 @@ class BestCheckpointSaver:
         network: the trained network (a ``DistributedDataParallel`` wrapper is unwrapped).
         model_name: timm registry name the network was built from.
         class_names: label names in logit order.
-        model_kwargs: ``timm.create_model`` arguments that rebuild the architecture
+        model_kwargs: :func:`~equivit_plugin.models.create_model` arguments that rebuild the
+            architecture
             (``num_classes``, ``img_size`` and any other architecture argument).
         metric_name: key of the evaluator metric to track.
         mode: ``"max"`` or ``"min"``.
@@ -283,12 +256,8 @@ class BestCheckpointSaver:
     def _check_architecture(self, _engine: Engine | None = None) -> None:
         if self._checked or not (self.check_model_kwargs and self.enabled):
             return
-        import timm
-
-        import equivit_plugin  # noqa: F401  (registers the models in timm)
-
         network = getattr(self.network, "module", self.network)
-        reference = timm.create_model(self.model_name, **self.model_kwargs)
+        reference = create_model(self.model_name, **self.model_kwargs)
         ours = {k: tuple(v.shape) for k, v in network.state_dict().items()}
         theirs = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
         if ours != theirs:
@@ -297,7 +266,7 @@ class BestCheckpointSaver:
                  for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k)]
             )
             raise ValueError(
-                f"the network does not match timm.create_model({self.model_name!r}, "
+                f"the network does not match create_model({self.model_name!r}, "
                 f"**{self.model_kwargs}), which is how {self.path.name} will be rebuilt "
                 f"({len(differences)} differing weights, e.g. {differences[:3]}); give every "
                 f"architecture argument of network_def to model_kwargs too "
@@ -352,7 +321,7 @@ class TrainingStateSaver:
     The file is ``{name: obj.state_dict() for name, obj in save_dict.items()}`` plus the state of
     the engine it is attached to under ``engine_key`` (networks are unwrapped from
     ``DistributedDataParallel`` so the keys carry no ``module.`` prefix), written with
-    :func:`~equivit_plugin.models.checkpoint.atomic_save`. MONAI's ``CheckpointLoader`` with the
+    :func:`~equivit_plugin.utils.atomic.atomic_save`. MONAI's ``CheckpointLoader`` with the
     same objects and ``{engine_key: trainer}`` restores it; for the trainer (an ignite ``Engine``)
     that restores the epoch and iteration, so training continues after the saved epoch. (The
     engine is taken at ``attach`` so that configs need no reference from the trainer's handler
