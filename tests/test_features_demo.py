@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from tiatoolbox.wsicore.wsireader import WSIReader  # noqa: E402
 
 from equivit_plugin.features import RandomWeightsWarning, read_features, run_demo  # noqa: E402
 from equivit_plugin.features import demo as demo_module  # noqa: E402
+from equivit_plugin.utils.atomic import default_file_mode  # noqa: E402
 from equivit_plugin.utils.demo_data import DEMO_MPP, demo_checkpoint  # noqa: E402
 
 CONSOLE_SCRIPT = Path(sys.executable).with_name("equivit")
@@ -55,6 +57,11 @@ def test_demo_writes_features_and_overlay(demo_run) -> None:
     assert (attrs["level0_width"], attrs["level0_height"]) == (2000, 2000)
     assert printed["overlay"].read_bytes()[:8] == PNG_MAGIC
     assert "demo checkpoint" in stdout
+    # Every file the run wrote has the permissions a plain open() gives (0666 & ~umask).
+    written = [p for p in root.rglob("*") if p.is_file()]
+    assert set(printed.values()) <= set(written)
+    assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in written} == \
+        {p.name: oct(default_file_mode()) for p in written}
 
 
 def test_demo_slide_is_a_pyramid_at_half_a_micron(demo_run) -> None:

@@ -1,0 +1,189 @@
+"""Benchmark scripts that must keep working on a machine without a GPU: ``gpu_check.py``
+(every CUDA check skipped with one clear message, the CPU parts run, the JSON written) and
+``startup.py`` (the JSON's structure; timings are never asserted)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BENCH = REPO_ROOT / "benchmarks"
+CPU_CHECKS = ["data", "cpu_d4"]
+CUDA_CHECKS = ["parity", "autocast", "engines", "pipeline", "bundle", "compile", "throughput"]
+NO_CUDA = "skipped: CUDA not available"
+CHECK_KEYS = {"id", "number", "title", "status", "seconds", "message", "rows", "details"}
+ROW_KEYS = {"check", "result", "target", "status", "seconds"}
+
+
+def _run_script(script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python benchmarks/<script> args`` from the repository root, with CUDA hidden."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, str(BENCH / script), *args], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+@pytest.fixture(scope="module")
+def gpu_check() -> Iterator[ModuleType]:
+    """``benchmarks/gpu_check.py`` as a module (the benchmarks folder is not a package)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        yield importlib.import_module("gpu_check")
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+# ------------------------------------------------------------------------------ gpu_check
+
+
+def test_gpu_check_quick_on_cpu_skips_every_cuda_check(tmp_path: Path) -> None:
+    out = tmp_path / "results" / "gpu.json"
+    result = _run_script("gpu_check.py", "--quick", "--out", str(out))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    report = json.loads(out.read_text())
+    assert {"machine", "settings", "checks", "summary", "wall_s"} <= set(report)
+    checks = {entry["id"]: entry for entry in report["checks"]}
+    assert [entry["id"] for entry in report["checks"]] == CPU_CHECKS + CUDA_CHECKS
+    for entry in report["checks"]:
+        assert set(entry) == CHECK_KEYS, entry["id"]
+    for check_id in CUDA_CHECKS:
+        entry = checks[check_id]
+        assert (entry["status"], entry["message"], entry["rows"]) == ("skipped", NO_CUDA, [])
+    for check_id in CPU_CHECKS:  # the CPU parts ran, on real data or the fallbacks
+        entry = checks[check_id]
+        assert entry["status"] == "pass", entry
+        assert entry["rows"] and all(set(row) == ROW_KEYS for row in entry["rows"])
+    assert report["summary"] == {"passed": 2, "failed": 0, "errors": 0, "skipped": 7,
+                                 "exit_code": 0}
+    assert report["machine"]["cuda_available"] is False
+
+    # One clear message per CUDA part: one table row and one log line each.
+    assert result.stdout.count(NO_CUDA) == len(CUDA_CHECKS)
+    assert result.stderr.count(NO_CUDA) == len(CUDA_CHECKS)
+    markdown = out.with_suffix(".md").read_text()
+    assert "| check | result | target | pass/fail | seconds |" in markdown
+    assert markdown.count("SKIPPED") == len(CUDA_CHECKS)
+
+
+def test_gpu_check_without_data_writes_its_own_slide(tmp_path: Path) -> None:
+    """No shared data: the slide is written from TIAToolbox's packaged H&E image."""
+    out = tmp_path / "gpu.json"
+    result = _run_script("gpu_check.py", "--quick", "--checks", "data", "--out", str(out),
+                         "--data", str(tmp_path / "missing"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (entry,) = json.loads(out.read_text())["checks"]
+    assert entry["status"] == "pass"
+    rows = {row["check"].split(" (")[0]: row for row in entry["rows"]}
+    assert "fallback" in rows["slide he_0.5mpp.tif"]["check"]
+    assert "0.500 um/px" in rows["slide he_0.5mpp.tif"]["result"]
+    assert entry["details"]["tiles"] == [4, 224, 224, 3]
+
+
+def _context(gpu_check: ModuleType, tmp_path: Path) -> Any:
+    import torch
+
+    return gpu_check.Context(quick=True, device=torch.device("cpu"), workdir=tmp_path,
+                             data_root=tmp_path, cuda=False)
+
+
+def test_gpu_check_reports_failures_errors_timeouts_and_budget(gpu_check: ModuleType,
+                                                               tmp_path: Path) -> None:
+    def passing(_ctx: Any, rec: Any, _cap: float) -> None:
+        rec.judge("a", "1", "1", True)
+
+    def failing(_ctx: Any, rec: Any, _cap: float) -> None:
+        rec.info("number", "3")
+        rec.judge("b", "2", "1", False)
+
+    def raising(_ctx: Any, rec: Any, _cap: float) -> None:
+        rec.judge("before", "ok", "ok", True)
+        raise RuntimeError("boom")
+
+    def slow(_ctx: Any, _rec: Any, _cap: float) -> None:
+        time.sleep(30)
+
+    make = gpu_check.Check
+    checks = [make("ok", "1", "passes", passing, False, 10, 0, quick_cap_s=10),
+              make("bad", "2", "fails", failing, False, 10, 0, quick_cap_s=10),
+              make("boom", "3", "raises", raising, False, 10, 0, quick_cap_s=10),
+              make("slow", "4", "too slow", slow, False, 10, 0, quick_cap_s=0.5),
+              make("gpu", "5", "needs CUDA", passing, True, 10, 0),
+              make("late", "6", "no time left", passing, False, 10, 1e6)]
+    results = {r.id: r for r in gpu_check.run_checks(checks, _context(gpu_check, tmp_path), 60)}
+
+    assert [results[i].status for i in ("ok", "bad", "boom", "slow", "gpu", "late")] == \
+        ["pass", "fail", "error", "error", "skipped", "skipped"]
+    assert [row.status for row in results["bad"].rows] == ["info", "fail"]
+    assert results["boom"].message == "RuntimeError: boom" and len(results["boom"].rows) == 1
+    assert "RuntimeError: boom" in results["boom"].details["traceback"]
+    assert "timed out after its 0.5 s time cap" in results["slow"].message
+    assert results["gpu"].message == gpu_check.NO_CUDA
+    assert results["late"].message == gpu_check.NO_TIME
+    assert gpu_check.exit_code(list(results.values())) == 1
+    assert gpu_check.exit_code([results["ok"], results["gpu"], results["late"]]) == 0
+
+    lines = gpu_check.table_rows(list(results.values()))
+    assert lines[4][:4] == ["3 raises: (stopped)", "RuntimeError: boom", "-", "ERROR"]
+    assert [line[3] for line in lines] == ["PASS", "INFO", "FAIL", "PASS", "ERROR", "ERROR",
+                                           "SKIPPED", "SKIPPED"]
+
+
+# ------------------------------------------------------------------------------ startup
+
+
+def test_startup_quick_writes_the_expected_structure(tmp_path: Path) -> None:
+    out = tmp_path / "startup.json"
+    result = _run_script("startup.py", "--quick", "--repeats", "1", "--out", str(out))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    report = json.loads(out.read_text())
+    assert set(report) == {"machine", "settings", "cases", "ratios", "targets", "wall_s"}
+    assert report["settings"]["repeats"] == 1 and report["settings"]["quick"] is True
+    assert list(report["cases"]) == ["import_timm", "import_equivit", "equivit_help"]
+    for case_id, entry in report["cases"].items():
+        assert entry["error"] is None, (case_id, entry["error"])
+        assert len(entry["wall_s"]) == 1 and entry["median_s"] == entry["wall_s"][0] > 0
+        assert set(entry["heavy_modules"]) <= {"torch", "timm", "monai", "tiatoolbox"}
+        assert entry["n_modules"] > 0 and entry["top_imports"]
+        assert set(entry["top_imports"][0]) == {"module", "cumulative_s", "self_s"}
+    assert report["cases"]["equivit_help"]["command"][0].endswith("equivit")
+    assert {"torch", "timm"} <= set(report["cases"]["import_timm"]["heavy_modules"])
+    assert list(report["ratios"]) == ["import_equivit / import_timm"]
+    assert [t["target"] for t in report["targets"]] == [
+        "equivit --help", "import equivit_plugin / import timm",
+        "import equivit_plugin imports monai / tiatoolbox"]
+    assert all(set(t) == {"target", "limit", "measured", "pass"} and t["measured"]
+               for t in report["targets"])
+    assert "### Targets" in out.with_suffix(".md").read_text()
+
+
+def test_startup_parses_importtime() -> None:
+    sys.path.insert(0, str(BENCH))
+    try:
+        startup = importlib.import_module("startup")
+    finally:
+        sys.path.remove(str(BENCH))
+    stderr = "\n".join([
+        "import time: self [us] | cumulative | imported package",
+        "import time:       100 |        100 |   torch._C",
+        "import time:      2000 |       2100 | torch",
+        "import time:        50 |       2150 | timm",
+        "import time:        30 |         30 |     monai.utils",
+        "some other output",
+    ])
+    profile = startup.parse_importtime(stderr)
+    assert profile.modules == ["torch._C", "torch", "timm", "monai.utils"]
+    assert profile.heavy == ["torch", "timm", "monai"]
+    assert profile.import_total_s == pytest.approx(0.00218)
+    assert [t["module"] for t in profile.top][:2] == ["timm", "torch"]
