@@ -9,10 +9,10 @@ subpackages load on first use. The MONAI door (``import equivit_plugin.networks`
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .registration import register_models_with_timm
+from .utils.lazy import lazy_attributes
 from .version import __version__
 
 _LAZY_NAMES = {
@@ -51,19 +51,7 @@ if TYPE_CHECKING:
     )
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY_NAMES:
-        value = getattr(importlib.import_module(f".{_LAZY_NAMES[name]}", __name__), name)
-    elif name in _SUBPACKAGES:
-        value = importlib.import_module(f".{name}", __name__)
-    else:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY_NAMES, *_SUBPACKAGES})
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY_NAMES, globals(), _SUBPACKAGES)
 
 
 register_models_with_timm()

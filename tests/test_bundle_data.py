@@ -14,7 +14,9 @@ import torch
 from monai.data import CacheDataset, DataLoader, Dataset
 from PIL import Image
 
-from equivit_plugin.bundle import (
+from equivit_plugin.bundle.data import (
+    EnsureRGBd,
+    LoadTiled,
     TileReadError,
     check_readable,
     class_names,
@@ -23,7 +25,6 @@ from equivit_plugin.bundle import (
     split_tiles,
     tile_transforms,
 )
-from equivit_plugin.bundle.data import EnsureRGBd, LoadTiled
 from equivit_plugin.equivariance import D4_TRANSFORMS
 
 CRC_CLASSES = ["ADI", "BACK", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM"]

@@ -147,3 +147,18 @@ def test_compose_kernels_traced_path_matches_eager_path() -> None:
     first, second = torch.randn(4, 3, 5, 5).double(), torch.randn(6, 4, 3, 3).double()
     traced = torch.jit.trace(compose_kernels, (first, second))
     torch.testing.assert_close(traced(first, second), compose_kernels(first, second))
+
+
+def test_training_after_inference_mode_with_the_same_kernel_sizes() -> None:
+    """The composition's cached tap index must not be an inference tensor (regression: an
+    inference-mode forward first, then a training step, failed in benchmarks/throughput.py)."""
+    from equivit_plugin.layers.patch_embed import compose_kernels
+
+    compose_kernels.__globals__["_sum_index"].cache_clear()
+    embed = GMRPatchEmbed(img_size=32, patch_size=16, in_chans=3, embed_dim=8,
+                          kernel_sizes=(7, 10))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        embed.eval()(x)
+    embed.train()(x).sum().backward()
+    assert all(p.grad is not None for p in embed.parameters() if p.requires_grad)

@@ -1,4 +1,5 @@
-"""MONAI bundle support: what ``monai_bundle/configs/*.json`` call via ``_target_``.
+"""MONAI bundle support: what ``monai_bundle/configs/*.json`` call via ``_target_`` (by module
+path, e.g. ``equivit_plugin.bundle.data.tile_transforms``; nothing is re-exported here).
 
 - :mod:`~equivit_plugin.bundle.data`: tile discovery, group-aware splits, MONAI transforms;
 - :mod:`~equivit_plugin.bundle.batches`: what evaluation and inference share: loaders that skip
@@ -9,37 +10,3 @@
 - :mod:`~equivit_plugin.bundle.inference`: resumable prediction CSV, demo tiles from
   TIAToolbox's image.
 """
-
-from .data import (
-    FITS,
-    IMAGE_SUFFIXES,
-    CenterSquareCropd,
-    EnsureRGBd,
-    LoadTiled,
-    TileReadError,
-    check_readable,
-    class_folders,
-    class_names,
-    datalist,
-    discover_tiles,
-    is_image_file,
-    split_tiles,
-    tile_transforms,
-)
-
-__all__ = [
-    "FITS",
-    "IMAGE_SUFFIXES",
-    "CenterSquareCropd",
-    "EnsureRGBd",
-    "LoadTiled",
-    "TileReadError",
-    "check_readable",
-    "class_folders",
-    "class_names",
-    "datalist",
-    "discover_tiles",
-    "is_image_file",
-    "split_tiles",
-    "tile_transforms",
-]

@@ -26,8 +26,9 @@ Modules (the names below load on first use: importing :mod:`.config` costs no to
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ..utils.lazy import lazy_attributes
 
 _LAZY_NAMES = {
     "DEFAULT_MODEL": "config", "H5_DIR": "config", "OUT_DTYPES": "config", "PT_DIR": "config",
@@ -97,13 +98,4 @@ if TYPE_CHECKING:
     from .tiles import TileDataset, TileGrid, read_tile, tile_grid
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY_NAMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_LAZY_NAMES[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY_NAMES})
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY_NAMES, globals())

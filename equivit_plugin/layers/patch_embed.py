@@ -42,16 +42,18 @@ def _sum_index(first_size: tuple[int, ...], second_size: tuple[int, ...]) -> tor
     """Flat output tap ``a + b`` for every pair (tap ``b`` of second, tap ``a`` of first).
 
     Depends only on the sizes, so it is built once per pair of sizes (composition runs every
-    training step).
+    training step). Built outside inference mode: a cached tensor first made under
+    ``torch.inference_mode()`` would be an inference tensor, which training may not use.
     """
     out_size = [k1 + k2 - 1 for k1, k2 in zip(first_size, second_size)]
-    grids = [torch.arange(k) for k in (*second_size, *first_size)]
-    coords = torch.meshgrid(*grids, indexing="ij")
-    n = len(first_size)
-    index = torch.zeros_like(coords[0])
-    for axis in range(n):
-        index = index * out_size[axis] + coords[axis] + coords[n + axis]
-    return index.flatten()
+    with torch.inference_mode(False):
+        grids = [torch.arange(k) for k in (*second_size, *first_size)]
+        coords = torch.meshgrid(*grids, indexing="ij")
+        n = len(first_size)
+        index = torch.zeros_like(coords[0])
+        for axis in range(n):
+            index = index * out_size[axis] + coords[axis] + coords[n + axis]
+        return index.flatten()
 
 
 def compose_kernels(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:

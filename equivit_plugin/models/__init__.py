@@ -7,9 +7,9 @@ load their modules on first use.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from ..utils.lazy import lazy_attributes
 from . import registry  # noqa: F401  (the Equi-ViT family in timm's registry)
 
 _LAZY_NAMES = {
@@ -68,13 +68,4 @@ if TYPE_CHECKING:
     from .weights import LoadReport, load_vit_weights
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY_NAMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_LAZY_NAMES[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY_NAMES})
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY_NAMES, globals())

@@ -43,9 +43,11 @@ def normalise_tile(image: np.ndarray) -> np.ndarray:
 
 @functools.lru_cache(maxsize=8)
 def _affine(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    # Kept on the device: no small host-to-device copies per batch.
-    return (torch.from_numpy(_SCALE).view(1, 3, 1, 1).to(device),
-            torch.from_numpy(_SHIFT).view(1, 3, 1, 1).to(device))
+    # Kept on the device: no small host-to-device copies per batch. Made outside inference
+    # mode, so the cached tensors are usable whatever mode the first caller was in.
+    with torch.inference_mode(False):
+        return (torch.from_numpy(_SCALE).view(1, 3, 1, 1).to(device),
+                torch.from_numpy(_SHIFT).view(1, 3, 1, 1).to(device))
 
 
 def normalise_batch(batch: torch.Tensor) -> torch.Tensor:
