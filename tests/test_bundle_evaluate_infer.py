@@ -549,3 +549,13 @@ def test_collect_inputs(tmp_path: Path) -> None:
         collect_inputs(str(tmp_path / "empty"))
     with pytest.raises(ValueError, match="no input images"):
         collect_inputs("", [])
+
+
+def test_progress_flag_accepts_its_command_line_spelling(capsys: pytest.CaptureFixture) -> None:
+    from equivit_plugin.bundle.batches import iterate_batches
+
+    batches = [{"image": [0, 1]}, {"image": [2]}]
+    assert list(iterate_batches(batches, "quiet", "false")) == batches
+    assert "quiet" not in capsys.readouterr().err
+    assert list(iterate_batches(batches, "shown", "true")) == batches
+    assert "shown" in capsys.readouterr().err

@@ -273,11 +273,12 @@ def batch_failures(batch: Mapping[str, Any]) -> list[tuple[str, str]]:
     return [(str(f), str(r)) for f, r in batch.get(FAILED_KEY, [])]
 
 
-def iterate_batches(loader: Iterable[Any], desc: str, progress: bool) -> Iterator[Any]:
-    """Iterate ``loader``, counting tiles (readable or not) on a tqdm bar when ``progress``."""
+def iterate_batches(loader: Iterable[Any], desc: str, progress: bool | str) -> Iterator[Any]:
+    """Iterate ``loader``, counting tiles (readable or not) on a tqdm bar when ``progress``
+    (a boolean, or its command-line spelling: ``--progress false``)."""
     dataset = getattr(loader, "dataset", None)
     total = len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None
-    with tqdm(total=total, desc=desc, unit="img", disable=not progress) as bar:
+    with tqdm(total=total, desc=desc, unit="img", disable=not as_flag(progress)) as bar:
         for batch in loader:
             yield batch
             images = len(batch["image"]) if "image" in batch else 0
