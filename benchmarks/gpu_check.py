@@ -80,7 +80,8 @@ import throughput as tp  # noqa: E402  (reused: model builders, runners, timing,
 
 import equivit_plugin  # noqa: E402
 import equivit_plugin.models  # noqa: E402, F401  (registers the models in timm)
-from equivit_plugin.equivariance.transforms import D4_TRANSFORMS  # noqa: E402
+from equivit_plugin.equivariance import feature_invariance  # noqa: E402
+from equivit_plugin.utils.demo_data import demo_he_image  # noqa: E402
 
 PASS, FAIL, INFO, SKIP, ERROR = "pass", "fail", "info", "skipped", "error"
 NO_CUDA = "skipped: CUDA not available"
@@ -175,30 +176,13 @@ def default_data_root() -> Path:
     return Path(os.environ.get("EQUIVIT_DATA", ROOT.parent / "shared" / "data"))
 
 
-def stain_norm_target() -> np.ndarray:
-    """TIAToolbox's packaged real H&E image, 1000x1000 RGB uint8."""
-    from tiatoolbox.data import stain_norm_target as packaged
-
-    return np.ascontiguousarray(packaged()[..., :3])
-
-
 def write_fallback_slide(path: Path, image: np.ndarray, mpp: float = MPP) -> Path:
     """A tiled pyramidal TIFF with its resolution (levels halved down to <= 256 px), zlib-
     compressed: tifffile writes and reads it without imagecodecs."""
-    import tifffile
+    from equivit_plugin.features.demo import write_pyramid_tiff
 
-    levels = [image]
-    while max(levels[-1].shape[:2]) > 256:
-        levels.append(np.ascontiguousarray(levels[-1][::2, ::2]))
-    options = {"tile": (256, 256), "compression": "zlib", "photometric": "rgb",
-               "resolutionunit": "CENTIMETER"}
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tifffile.TiffWriter(path) as tif:
-        tif.write(image, subifds=len(levels) - 1, resolution=(1e4 / mpp, 1e4 / mpp), **options)
-        for i, level in enumerate(levels[1:], 1):
-            per_cm = 1e4 / (mpp * 2**i)
-            tif.write(level, subfiletype=1, resolution=(per_cm, per_cm), **options)
-    return path
+    return write_pyramid_tiff(image, mpp, path, smallest_level=256, compression="zlib")
 
 
 def crops(image: np.ndarray, count: int) -> np.ndarray:
@@ -235,18 +219,18 @@ def resolve_data(root: Path, workdir: Path, n_tiles: int) -> DataPaths:
     slide = root / "slides" / SLIDE_NAME
     slide_source = "shared data"
     if not slide.is_file():
-        slide = write_fallback_slide(workdir / "fallback" / "he_0.5mpp.tif", stain_norm_target())
+        slide = write_fallback_slide(workdir / "fallback" / "he_0.5mpp.tif", demo_he_image())
         slide_source = "fallback: TIAToolbox stain_norm_target() as a 0.5 um/px TIFF"
     files = sorted((root / TRAIN_FOLDER).glob("*/*.jpeg"))[:n_tiles]
     if files:
         tiles, tiles_source = read_tiles(files), f"{TRAIN_FOLDER} JPEG tiles"
     else:
-        tiles = crops(stain_norm_target(), n_tiles)
+        tiles = crops(demo_he_image(), n_tiles)
         tiles_source = "fallback: crops of TIAToolbox stain_norm_target()"
     train_dir = root / TRAIN_FOLDER
     train_source = "shared data"
     if not train_dir.is_dir():
-        train_dir = write_fallback_classes(workdir / "fallback" / "train", stain_norm_target())
+        train_dir = write_fallback_classes(workdir / "fallback" / "train", demo_he_image())
         train_source = "fallback: 16 crops of stain_norm_target() in 3 folders"
     return DataPaths(root if present else None, slide, slide_source, tiles, tiles_source,
                      train_dir, train_source)
@@ -359,15 +343,12 @@ def max_abs(output: torch.Tensor | np.ndarray, reference: torch.Tensor | np.ndar
 
 
 def d4_worst(model: nn.Module, images: torch.Tensor) -> dict[str, float]:
-    """Largest change of logits and features over the 7 non-trivial rotations/flips."""
+    """Largest change of logits and features over the 7 non-trivial rotations/flips
+    (:func:`equivit_plugin.equivariance.feature_invariance`)."""
     with torch.inference_mode():
-        logits, features = logits_and_features(model, images)
-        worst = {"logits": 0.0, "features": 0.0}
-        for _, transform in D4_TRANSFORMS[1:]:
-            moved_logits, moved_features = logits_and_features(model, transform(images))
-            worst["logits"] = max(worst["logits"], max_abs(moved_logits, logits))
-            worst["features"] = max(worst["features"], max_abs(moved_features, features))
-    return worst
+        result = feature_invariance(model, images)
+    return {"logits": max(s["max_abs_diff"] for s in result["logits"].values()),
+            "features": max(s["max_abs_diff"] for s in result["pooled"].values())}
 
 
 def record_d4(rec: Recorder, name: str, device: torch.device, worst: dict[str, float]) -> None:

@@ -174,7 +174,8 @@ def _as_list(items: list[Any]) -> list[Any]:
 
 
 def find_unreadable(items: Sequence[Mapping[str, Any] | str], key: str = "image",
-                    num_workers: int = 0, progress: bool = False) -> list[tuple[str, str]]:
+                    num_workers: int = 0,
+                    progress: bool | str = False) -> list[tuple[str, str]]:
     """Decode every tile once (in ``num_workers`` loader workers) and list those that fail.
 
     Costs one decode per tile, no transform and no forward pass.
@@ -187,7 +188,7 @@ def find_unreadable(items: Sequence[Mapping[str, Any] | str], key: str = "image"
                                          num_workers=int(num_workers), collate_fn=_as_list)
     failed: list[tuple[str, str]] = []
     with tqdm(total=len(dataset), desc="checking tiles", unit="img",
-              disable=not progress) as bar:
+              disable=not as_flag(progress)) as bar:
         for results in loader:
             failed += [r for r in results if r is not None]
             bar.update(len(results))

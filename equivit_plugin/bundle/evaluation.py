@@ -38,7 +38,7 @@ from ..equivariance import (
     prediction_agreement,
     rotation_sweep,
 )
-from ..utils.atomic import atomic_path, atomic_write_json
+from ..utils.atomic import atomic_write_json
 from .batches import (
     PredictFn,
     as_loader,
@@ -226,9 +226,8 @@ def write_results(result: Mapping[str, Any], rotation: RotationSweep,
                   label: str) -> Path:
     """Write the polar plot and the JSON atomically (normal file permissions); the JSON path."""
     out_dir = Path(output_dir)
-    with atomic_path(out_dir / plot_name) as tmp:
-        plot_accuracy_polar({label: rotation}, tmp,
-                            title=f"{label}: accuracy vs rotation ({result['num_images']} images)")
+    plot_accuracy_polar({label: rotation}, out_dir / plot_name,  # itself written atomically
+                        title=f"{label}: accuracy vs rotation ({result['num_images']} images)")
     return atomic_write_json(dict(result), out_dir / json_name)
 
 

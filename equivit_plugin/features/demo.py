@@ -30,8 +30,8 @@ DEMO_SLIDE_NAME = "equivit_demo_he_v1.tif"
 
 def write_pyramid_tiff(image: np.ndarray, mpp: float, path: str | Path, *,
                        smallest_level: int = 512, tile: int = 256,
-                       description: str = "") -> Path:
-    """Write ``image`` as a JPEG-compressed, tiled, pyramidal (Big)TIFF with its resolution.
+                       description: str = "", compression: str = "jpeg") -> Path:
+    """Write ``image`` as a compressed, tiled, pyramidal (Big)TIFF with its resolution.
 
     Level ``i`` is ``image[::2**i, ::2**i]`` (stored as SubIFDs of level 0), halved until its
     longer side is at most ``smallest_level``; each level carries its resolution
@@ -45,6 +45,7 @@ def write_pyramid_tiff(image: np.ndarray, mpp: float, path: str | Path, *,
         smallest_level: stop halving once the longer side is at most this many pixels.
         tile: TIFF tile side, pixels (a multiple of 16).
         description: the ImageDescription of level 0.
+        compression: tifffile's tile compression (``"jpeg"``; ``"zlib"`` needs no imagecodecs).
     """
     import tifffile
 
@@ -54,7 +55,7 @@ def write_pyramid_tiff(image: np.ndarray, mpp: float, path: str | Path, *,
     levels = [image]
     while max(levels[-1].shape[:2]) > smallest_level:
         levels.append(np.ascontiguousarray(levels[-1][::2, ::2]))
-    options = {"tile": (tile, tile), "compression": "jpeg", "photometric": "rgb",
+    options = {"tile": (tile, tile), "compression": compression, "photometric": "rgb",
                "resolutionunit": "CENTIMETER", "metadata": None}
     with tifffile.TiffWriter(path, bigtiff=True) as tif:
         tif.write(image, subifds=len(levels) - 1, resolution=(1e4 / mpp, 1e4 / mpp),

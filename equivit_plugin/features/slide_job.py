@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..models import ModelInfo, PooledEncoder, normalise_batch
-from ..utils.atomic import atomic_save
+from ..utils.atomic import atomic_save, stale_temporaries
 from ..utils.precision import autocast
 from ..version import __version__
 from .config import ExtractionConfig
@@ -95,12 +95,8 @@ def write_pt(h5_file: Path, pt_path: Path) -> None:
 def remove_leftovers(h5_path: Path, pt_dir: Path, stem: str) -> None:
     """Temporary files a killed run left for this slide (only this rank writes them)."""
     partial_path(h5_path).unlink(missing_ok=True)
-    if pt_dir.is_dir():
-        prefix, suffix = f".{stem}.pt.", ".tmp.pt"  # utils.atomic's temporary-file name
-        for tmp in pt_dir.glob(f"{prefix}*{suffix}"):
-            # mkstemp's random infix has no dots: never another slide's temporary file.
-            if "." not in tmp.name[len(prefix):-len(suffix)]:
-                tmp.unlink(missing_ok=True)
+    for tmp in stale_temporaries(pt_dir / f"{stem}.pt"):
+        tmp.unlink(missing_ok=True)
 
 
 def failure_reason(error: BaseException) -> str:

@@ -10,6 +10,7 @@ nothing), never a truncated one.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import tempfile
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["atomic_path", "atomic_save", "atomic_write_json", "atomic_write_text",
-           "commit_file", "default_file_mode"]
+           "commit_file", "default_file_mode", "stale_temporaries"]
 
 
 def default_file_mode() -> int:
@@ -57,6 +58,22 @@ def commit_file(tmp: str | os.PathLike, path: str | os.PathLike) -> Path:
     return path
 
 
+def _temporary_affixes(path: Path) -> tuple[str, str]:
+    """Prefix and suffix of :func:`atomic_path`'s temporary names for ``path``."""
+    return f".{path.name}.", f".tmp{path.suffix}"
+
+
+def stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Temporary files that :func:`atomic_path` writes of ``path``: those a killed process
+    left behind (never another destination's: ``mkstemp``'s random infix has no dots)."""
+    path = Path(path)
+    prefix, suffix = _temporary_affixes(path)
+    if not path.parent.is_dir():
+        return []
+    return [tmp for tmp in path.parent.glob(f"{glob.escape(prefix)}*{glob.escape(suffix)}")
+            if "." not in tmp.name[len(prefix):len(tmp.name) - len(suffix)]]
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; when the block succeeds, commit it as ``path``.
@@ -70,8 +87,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}",
-                                dir=path.parent)
+    prefix, suffix = _temporary_affixes(path)
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(name)
     try:
