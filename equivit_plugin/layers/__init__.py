@@ -1,10 +1,14 @@
-"""Equivariant building blocks: GMR convolutions, patch embeddings, radial position embedding."""
+"""Equivariant building blocks: GMR convolutions, patch embeddings and stems, radial position
+embedding, distance attention bias."""
 
+from .attn_bias import DistanceAttentionBias, pairwise_distances
+from .conv_stem import ConvStem, GMRConvStemEmbed, default_stem_stages, stem_group_norm
 from .gmr_conv import GMRConv1d, GMRConv2d, GMRConv3d, GMRConvNd, ring_basis, ring_distances
 from .patch_embed import (
     ConvPatchEmbed,
     ConvStackProjection,
     GMRPatchEmbed,
+    ProjectedPatchEmbed,
     StackedConvPatchEmbed,
     compose_kernels,
     default_kernel_sizes,
@@ -14,16 +18,23 @@ from .pos_embed import RadialPosEmbed, radial_distances
 __all__ = [
     "ConvPatchEmbed",
     "ConvStackProjection",
+    "ConvStem",
+    "DistanceAttentionBias",
     "GMRConv1d",
     "GMRConv2d",
     "GMRConv3d",
     "GMRConvNd",
+    "GMRConvStemEmbed",
     "GMRPatchEmbed",
+    "ProjectedPatchEmbed",
     "RadialPosEmbed",
     "StackedConvPatchEmbed",
     "compose_kernels",
     "default_kernel_sizes",
+    "default_stem_stages",
+    "pairwise_distances",
     "radial_distances",
     "ring_basis",
     "ring_distances",
+    "stem_group_norm",
 ]

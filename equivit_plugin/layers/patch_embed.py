@@ -26,9 +26,9 @@ from torch import nn
 from .gmr_conv import GMRConv2d
 from .kernel_cache import DerivedTensorCache
 
-__all__ = ["ConvStackProjection", "StackedConvPatchEmbed", "GMRPatchEmbed", "ConvPatchEmbed",
-           "compose_factored", "compose_kernels", "d4_orbit_representative",
-           "default_kernel_sizes"]
+__all__ = ["ConvStackProjection", "ProjectedPatchEmbed", "StackedConvPatchEmbed",
+           "GMRPatchEmbed", "ConvPatchEmbed", "compose_factored", "compose_kernels",
+           "d4_orbit_representative", "default_kernel_sizes"]
 
 
 def default_kernel_sizes(patch_size: int) -> tuple[int, int]:
@@ -234,12 +234,70 @@ class ConvStackProjection(nn.Module):
         return f"kernel_sizes={self.kernel_sizes}, composed={self.composed}"
 
 
-class StackedConvPatchEmbed(PatchEmbed):
-    """``timm.layers.PatchEmbed`` whose projection is a :class:`ConvStackProjection`.
+class ProjectedPatchEmbed(PatchEmbed):
+    """``timm.layers.PatchEmbed`` around any projection module, with input errors that name the
+    offending value.
 
-    Same constructor keywords and output semantics as ``PatchEmbed`` (so it is a drop-in
-    ``embed_layer`` for ``timm.models.VisionTransformer``), plus the stack's ``kernel_sizes``,
-    ``mid_channels``, ``conv_layer`` and ``act_layer``.
+    Same constructor keywords and output semantics as ``PatchEmbed`` (so subclasses are drop-in
+    ``embed_layer`` for ``timm.models.VisionTransformer``), plus ``proj``: a module mapping
+    ``(B, C, H, W)`` to ``(B, D, H / p, W / p)``.
+
+    Shapes:
+        ``(B, C, H, W) -> (B, N, D)`` when flattening (default), else ``output_fmt``.
+    """
+
+    def __init__(
+        self,
+        proj: nn.Module,
+        img_size: int | tuple[int, int] | None = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        norm_layer: Callable[..., nn.Module] | None = None,
+        flatten: bool = True,
+        output_fmt: str | None = None,
+        strict_img_size: bool = True,
+        dynamic_img_pad: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(
+            img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=1,
+            norm_layer=None, flatten=flatten, output_fmt=output_fmt, bias=False,
+            strict_img_size=strict_img_size, dynamic_img_pad=dynamic_img_pad,
+        )
+        self.proj = proj
+        self.norm = norm_layer(embed_dim) if norm_layer else nn.Identity()
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W)`` float image batch to tokens; errors name the offending value."""
+        if x.dim() != 4:
+            raise ValueError(f"expected a (B, C, H, W) image batch, got shape {tuple(x.shape)}")
+        height, width = x.shape[-2:]
+        if self.img_size is not None and self.strict_img_size and (height, width) != self.img_size:
+            raise ValueError(
+                f"input size {height}x{width} does not match the model's img_size "
+                f"{self.img_size[0]}x{self.img_size[1]} (strict_img_size=True)"
+            )
+        if not self.dynamic_img_pad and (height % self.patch_size[0] or width % self.patch_size[1]):
+            raise ValueError(
+                f"input size {height}x{width} is not divisible by patch_size {self.patch_size[0]}"
+            )
+        return super().forward(x)
+
+    def set_input_size(self, img_size=None, patch_size=None) -> None:
+        if patch_size is not None and to_2tuple(patch_size) != self.patch_size:
+            raise NotImplementedError(f"changing the patch size of a {type(self).__name__}")
+        super().set_input_size(img_size=img_size)
+
+
+class StackedConvPatchEmbed(ProjectedPatchEmbed):
+    """Patch embedding whose projection is a :class:`ConvStackProjection`.
+
+    Same constructor keywords as ``timm.layers.PatchEmbed``, plus the stack's
+    ``kernel_sizes``, ``mid_channels``, ``conv_layer`` and ``act_layer``.
 
     Shapes:
         ``(B, C, H, W) -> (B, N, D)`` when flattening (default), else ``output_fmt``.
@@ -269,39 +327,16 @@ class StackedConvPatchEmbed(PatchEmbed):
         patch = to_2tuple(patch_size)
         if patch[0] != patch[1]:
             raise ValueError(f"patch_size must be square for a ring stem, got {patch_size}")
-        super().__init__(
-            img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=1,
-            norm_layer=None, flatten=flatten, output_fmt=output_fmt, bias=False,
-            strict_img_size=strict_img_size, dynamic_img_pad=dynamic_img_pad,
-        )
-        self.proj = ConvStackProjection(
+        proj = ConvStackProjection(
             in_chans, embed_dim, patch[0], kernel_sizes=kernel_sizes, mid_channels=mid_channels,
             conv_layer=conv_layer or self.default_conv_layer, act_layer=act_layer, bias=bias,
         )
-        self.norm = norm_layer(embed_dim) if norm_layer else nn.Identity()
-        if device is not None or dtype is not None:
-            self.to(device=device, dtype=dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C, H, W)`` float image batch to tokens; errors name the offending value."""
-        if x.dim() != 4:
-            raise ValueError(f"expected a (B, C, H, W) image batch, got shape {tuple(x.shape)}")
-        height, width = x.shape[-2:]
-        if self.img_size is not None and self.strict_img_size and (height, width) != self.img_size:
-            raise ValueError(
-                f"input size {height}x{width} does not match the model's img_size "
-                f"{self.img_size[0]}x{self.img_size[1]} (strict_img_size=True)"
-            )
-        if not self.dynamic_img_pad and (height % self.patch_size[0] or width % self.patch_size[1]):
-            raise ValueError(
-                f"input size {height}x{width} is not divisible by patch_size {self.patch_size[0]}"
-            )
-        return super().forward(x)
-
-    def set_input_size(self, img_size=None, patch_size=None) -> None:
-        if patch_size is not None and to_2tuple(patch_size) != self.patch_size:
-            raise NotImplementedError("changing the patch size of a convolution stack")
-        super().set_input_size(img_size=img_size)
+        super().__init__(
+            proj, img_size=img_size, patch_size=patch_size, in_chans=in_chans,
+            embed_dim=embed_dim, norm_layer=norm_layer, flatten=flatten, output_fmt=output_fmt,
+            strict_img_size=strict_img_size, dynamic_img_pad=dynamic_img_pad, device=device,
+            dtype=dtype,
+        )
 
 
 class GMRPatchEmbed(StackedConvPatchEmbed):

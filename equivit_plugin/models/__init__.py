@@ -17,7 +17,8 @@ _LAZY_NAMES = {
     "file_sha256": "checkpoint", "is_checkpoint_path": "checkpoint",
     "load_checkpoint": "checkpoint", "save_checkpoint": "checkpoint",
     "PooledEncoder": "embedding", "pooled_embedding": "embedding",
-    "MODEL_SIZES": "equivit", "STEMS": "equivit", "EquiVisionTransformer": "equivit",
+    "DEPTH_CHANGE": "equivit", "EMBED_LAYERS": "equivit", "MODEL_SIZES": "equivit",
+    "VARIANTS": "equivit", "EquiVisionTransformer": "equivit",
     "model_config": "equivit", "model_name": "equivit",
     "ModelInfo": "factory", "ModelLoadError": "factory", "create_model": "factory",
     "load_model": "factory",
@@ -28,10 +29,12 @@ _LAZY_NAMES = {
 
 __all__ = [
     "CHECKPOINT_FORMAT_VERSION",
+    "DEPTH_CHANGE",
+    "EMBED_LAYERS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "MODEL_SIZES",
-    "STEMS",
+    "VARIANTS",
     "EquiVisionTransformer",
     "LoadReport",
     "ModelInfo",
@@ -62,7 +65,15 @@ if TYPE_CHECKING:
         save_checkpoint,
     )
     from .embedding import PooledEncoder, pooled_embedding
-    from .equivit import MODEL_SIZES, STEMS, EquiVisionTransformer, model_config, model_name
+    from .equivit import (
+        DEPTH_CHANGE,
+        EMBED_LAYERS,
+        MODEL_SIZES,
+        VARIANTS,
+        EquiVisionTransformer,
+        model_config,
+        model_name,
+    )
     from .factory import ModelInfo, ModelLoadError, create_model, load_model
     from .preprocessing import IMAGENET_MEAN, IMAGENET_STD, normalise_batch, normalise_tile
     from .weights import LoadReport, load_vit_weights

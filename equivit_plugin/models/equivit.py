@@ -14,12 +14,19 @@ from timm.layers import PatchEmbed
 from timm.models import VisionTransformer, build_model_with_cfg
 from torch import nn
 
-from ..layers import ConvPatchEmbed, GMRPatchEmbed, RadialPosEmbed
+from ..layers import (
+    ConvPatchEmbed,
+    DistanceAttentionBias,
+    GMRConvStemEmbed,
+    GMRPatchEmbed,
+    RadialPosEmbed,
+)
 
-__all__ = ["EquiVisionTransformer", "MODEL_SIZES", "STEMS", "build_family_member",
-           "model_config", "model_name"]
+__all__ = ["DEPTH_CHANGE", "EMBED_LAYERS", "MODEL_SIZES", "VARIANTS", "EquiVisionTransformer",
+           "build_family_member", "model_config", "model_name"]
 
 PosEmbedType = Literal["learn", "radial", "none"]
+AttnBiasType = Literal["none", "distance"]
 
 MODEL_SIZES: dict[str, dict[str, int]] = {
     "tiny": {"embed_dim": 192, "depth": 12, "num_heads": 3},
@@ -27,22 +34,48 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
     "base": {"embed_dim": 768, "depth": 12, "num_heads": 12},
 }
 
-# variant -> (patch embedding, position embedding)
-STEMS: dict[str, tuple[Callable[..., nn.Module], PosEmbedType]] = {
-    "equivit": (GMRPatchEmbed, "learn"),
-    "equivit_ri": (GMRPatchEmbed, "radial"),
-    "convvit": (ConvPatchEmbed, "learn"),
-    "vit": (PatchEmbed, "learn"),
+EMBED_LAYERS: dict[str, Callable[..., nn.Module]] = {
+    "linear": PatchEmbed,
+    "gmr": GMRPatchEmbed,
+    "gmr_stem": GMRConvStemEmbed,
+    "conv": ConvPatchEmbed,
 }
+"""Patch embeddings by name (``embed_layer="gmr_stem"``: a name keeps checkpoints
+self-describing): timm's linear projection, the published two-layer GMR stack, the equivariant
+convolutional stem (:class:`~equivit_plugin.layers.GMRConvStemEmbed`), the plain-conv stack."""
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "equivit": {"embed_layer": "gmr", "pos_embed": "learn"},
+    "equivit_ri": {"embed_layer": "gmr", "pos_embed": "radial"},
+    "equivit_rid": {"embed_layer": "gmr", "pos_embed": "radial", "attn_bias": "distance",
+                    "global_pool": "avg"},
+    "equivit_ric": {"embed_layer": "gmr_stem", "pos_embed": "radial", "attn_bias": "distance",
+                    "global_pool": "avg"},
+    "convvit": {"embed_layer": "conv", "pos_embed": "learn"},
+    "vit": {"embed_layer": "linear", "pos_embed": "learn"},
+}
+"""Constructor arguments that make each family member (sizes come from :data:`MODEL_SIZES`)."""
+
+DEPTH_CHANGE: dict[str, int] = {"equivit_ric": -1}
+"""Blocks a variant adds to its size's depth: the convolutional stem pays for itself with one
+transformer block fewer, as in "Early convolutions help transformers see better" (Xiao et al.
+2021)."""
 
 
 class EquiVisionTransformer(VisionTransformer):
-    """timm ``VisionTransformer`` with a choice of radial position embedding.
+    """timm ``VisionTransformer`` with a choice of radial position embedding and of a
+    distance-dependent attention bias.
 
     Args:
         pos_embed: ``"learn"`` (timm's learned absolute table), ``"radial"``
             (:class:`~equivit_plugin.layers.RadialPosEmbed`, rotation-invariant) or ``"none"``.
         radial_knot_spacing: knot spacing of the radial table, in patches.
+        embed_layer: a patch-embedding class or one of :data:`EMBED_LAYERS`' names.
+        attn_bias: ``"none"`` or ``"distance"``
+            (:class:`~equivit_plugin.layers.DistanceAttentionBias`: every block's attention
+            logits get a learned per-head function of the distance between the two patches,
+            which keeps rotation invariance exact and tells attention which patches are
+            neighbours).
         **kwargs: every other ``VisionTransformer`` argument (``embed_layer``, ``embed_dim``...).
 
     Shapes:
@@ -51,20 +84,67 @@ class EquiVisionTransformer(VisionTransformer):
     """
 
     def __init__(self, *args: Any, pos_embed: PosEmbedType = "learn",
-                 radial_knot_spacing: float = 0.5, **kwargs: Any) -> None:
+                 radial_knot_spacing: float = 0.5, attn_bias: AttnBiasType = "none",
+                 embed_layer: str | Callable[..., nn.Module] = "linear", **kwargs: Any) -> None:
+        if isinstance(embed_layer, str):
+            if embed_layer not in EMBED_LAYERS:
+                raise ValueError(f"embed_layer must be one of {sorted(EMBED_LAYERS)} or a class, "
+                                 f"got {embed_layer!r}")
+            embed_layer = EMBED_LAYERS[embed_layer]
         if pos_embed not in ("learn", "radial", "none", ""):
             raise ValueError(f"pos_embed must be 'learn', 'radial' or 'none', got {pos_embed!r}")
+        if attn_bias not in ("none", "distance"):
+            raise ValueError(f"attn_bias must be 'none' or 'distance', got {attn_bias!r}")
         radial = pos_embed == "radial"
-        super().__init__(*args, pos_embed="none" if radial else pos_embed, **kwargs)
+        super().__init__(*args, pos_embed="none" if radial else pos_embed,
+                         embed_layer=embed_layer, **kwargs)
         self.radial_pos_embed = (
             RadialPosEmbed(self.embed_dim, self.patch_embed.grid_size or (14, 14),
                            knot_spacing=radial_knot_spacing)
             if radial else None
         )
+        self.attn_bias = (
+            DistanceAttentionBias(self.blocks[0].attn.num_heads,
+                                  self.patch_embed.grid_size or (14, 14))
+            if attn_bias == "distance" else None
+        )
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        return super().no_weight_decay() | {"radial_pos_embed.weight"}
+        return super().no_weight_decay() | {"radial_pos_embed.weight", "attn_bias.weight",
+                                            "attn_bias.prefix"}
+
+    def _grid_size(self, x: torch.Tensor) -> tuple[int, int]:
+        if self.dynamic_img_size:
+            return tuple(self.patch_embed.dynamic_feat_size(x.shape[-2:]))
+        return tuple(self.patch_embed.grid_size)
+
+    def _with_attn_bias(self, x: torch.Tensor,
+                        attn_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """``attn_mask`` plus the distance bias of ``x``'s token grid (``None``: no bias)."""
+        if self.attn_bias is None:
+            return attn_mask
+        if self.training and self.patch_drop is not None \
+                and not isinstance(self.patch_drop, nn.Identity):
+            raise NotImplementedError("patch dropout with attn_bias='distance'")
+        bias = self.attn_bias(self._grid_size(x), self.num_prefix_tokens).to(x.dtype)
+        if attn_mask is None:
+            return bias
+        if attn_mask.dtype == torch.bool:
+            return bias.masked_fill(~attn_mask, float("-inf"))
+        return bias + attn_mask
+
+    def forward_features(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                         is_causal: bool = False) -> torch.Tensor:
+        """``(B, C, H, W) -> (B, num_prefix_tokens + N, D)``."""
+        return super().forward_features(x, attn_mask=self._with_attn_bias(x, attn_mask),
+                                        is_causal=is_causal)
+
+    def forward_intermediates(self, x: torch.Tensor, *args: Any,
+                              attn_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        """timm's ``forward_intermediates`` with the distance bias (when there is one)."""
+        return super().forward_intermediates(
+            x, *args, attn_mask=self._with_attn_bias(x, attn_mask), **kwargs)
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
         if self.radial_pos_embed is None:
@@ -86,16 +166,18 @@ def model_config(variant: str, size: str, **overrides: Any) -> dict[str, Any]:
     """Constructor arguments of ``EquiVisionTransformer`` for a family member.
 
     Args:
-        variant: ``"equivit"``, ``"equivit_ri"``, ``"convvit"`` or ``"vit"``.
+        variant: one of :data:`VARIANTS` (``"equivit"``, ``"equivit_ri"``, ``"equivit_rid"``,
+            ``"equivit_ric"``, ``"convvit"``, ``"vit"``).
         size: ``"tiny"``, ``"small"`` or ``"base"``.
         **overrides: any constructor argument (``num_classes``, ``img_size``...).
     """
-    if variant not in STEMS:
-        raise ValueError(f"variant must be one of {sorted(STEMS)}, got {variant!r}")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
     if size not in MODEL_SIZES:
         raise ValueError(f"size must be one of {sorted(MODEL_SIZES)}, got {size!r}")
-    embed_layer, pos_embed = STEMS[variant]
-    return {"embed_layer": embed_layer, "pos_embed": pos_embed, **MODEL_SIZES[size], **overrides}
+    dims = dict(MODEL_SIZES[size])
+    dims["depth"] += DEPTH_CHANGE.get(variant, 0)
+    return {**dims, **VARIANTS[variant], **overrides}
 
 
 def model_name(variant: str, size: str, patch_size: int = 16, img_size: int = 224) -> str:

@@ -6,6 +6,13 @@ Registered (``timm.create_model(name)`` once ``equivit_plugin`` and timm are imp
   embedding, class token - as published.
 * ``equivit_ri_{tiny,small,base}_patch16_224``: GMR patch embedding and a radial position
   embedding: logits and pooled features are invariant to 90-degree rotations and flips.
+* ``equivit_rid_{tiny,small,base}_patch16_224``: as ``equivit_ri`` plus a learned per-head
+  attention bias that depends only on the distance between two patches (which patches are
+  neighbours), mean-pooled tokens: still exactly invariant.
+* ``equivit_ric_{tiny,small,base}_patch16_224``: as ``equivit_rid`` with an exactly
+  equivariant convolutional stem (strided GMR convolutions, GroupNorm, GELU) instead of the
+  single stride-16 projection, and one transformer block fewer to pay for it: invariant at
+  90-degree steps and robust off the 90-degree grid and to sub-patch shifts.
 * ``convvit_{tiny,small,base}_patch16_224``: the same two-layer stem with plain convolutions
   (the paper's "Conv2D ViT" baseline). timm's own ``vit_*`` is the standard ViT.
 
@@ -45,7 +52,8 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
 
 default_cfgs = generate_default_cfgs({
     f"{variant}_{size}_patch16_224": _cfg()
-    for variant in ("equivit", "equivit_ri", "convvit") for size in ("tiny", "small", "base")
+    for variant in ("equivit", "equivit_ri", "equivit_rid", "equivit_ric", "convvit")
+    for size in ("tiny", "small", "base")
 })
 
 
@@ -90,6 +98,42 @@ def equivit_ri_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> nn.
 def equivit_ri_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """Rotation-invariant Equi-ViT-B/16: GMR stem, radial position embedding."""
     return _create("equivit_ri_base_patch16_224", pretrained, "equivit_ri", "base", **kwargs)
+
+
+@register_model
+def equivit_rid_tiny_patch16_224(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """Equi-ViT-RID-Ti/16: GMR stem, radial position embedding, distance attention bias."""
+    return _create("equivit_rid_tiny_patch16_224", pretrained, "equivit_rid", "tiny", **kwargs)
+
+
+@register_model
+def equivit_rid_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """Equi-ViT-RID-S/16: GMR stem, radial position embedding, distance attention bias."""
+    return _create("equivit_rid_small_patch16_224", pretrained, "equivit_rid", "small", **kwargs)
+
+
+@register_model
+def equivit_rid_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """Equi-ViT-RID-B/16: GMR stem, radial position embedding, distance attention bias."""
+    return _create("equivit_rid_base_patch16_224", pretrained, "equivit_rid", "base", **kwargs)
+
+
+@register_model
+def equivit_ric_tiny_patch16_224(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """Equi-ViT-RIC-Ti/16: equivariant conv stem, radial position, distance attention bias."""
+    return _create("equivit_ric_tiny_patch16_224", pretrained, "equivit_ric", "tiny", **kwargs)
+
+
+@register_model
+def equivit_ric_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """Equi-ViT-RIC-S/16: equivariant conv stem, radial position, distance attention bias."""
+    return _create("equivit_ric_small_patch16_224", pretrained, "equivit_ric", "small", **kwargs)
+
+
+@register_model
+def equivit_ric_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """Equi-ViT-RIC-B/16: equivariant conv stem, radial position, distance attention bias."""
+    return _create("equivit_ric_base_patch16_224", pretrained, "equivit_ric", "base", **kwargs)
 
 
 @register_model

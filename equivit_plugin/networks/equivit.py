@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..layers import StackedConvPatchEmbed
-from ..models import EquiVisionTransformer, create_model, model_config
+from ..models import EMBED_LAYERS, EquiVisionTransformer, create_model, model_config
 
 __all__ = ["EquiViT", "create_network"]
 
@@ -31,7 +31,8 @@ class EquiViT(EquiVisionTransformer):
         mid_channels: channels between stem layers.
         dropout_rate: classifier-head dropout.
         drop_path_rate: stochastic depth.
-        global_pool: ``"token"`` (class token) or ``"avg"``.
+        global_pool: ``"token"`` (class token) or ``"avg"``; default the variant's (``"avg"``
+            for ``equivit_rid``/``equivit_ric``, else ``"token"``).
         **kwargs: any other ``timm`` ``VisionTransformer`` argument.
 
     Shapes:
@@ -55,21 +56,24 @@ class EquiViT(EquiVisionTransformer):
         mid_channels: int = 64,
         dropout_rate: float = 0.0,
         drop_path_rate: float = 0.0,
-        global_pool: str = "token",
+        global_pool: str | None = None,
         **kwargs: Any,
     ) -> None:
         config = model_config(
             variant, size, in_chans=in_channels, num_classes=num_classes,
             img_size=img_size if isinstance(img_size, int) else tuple(img_size),
             patch_size=patch_size, drop_rate=dropout_rate, drop_path_rate=drop_path_rate,
-            global_pool=global_pool, **kwargs,
+            **({"global_pool": global_pool} if global_pool is not None else {}), **kwargs,
         )
-        if issubclass(config["embed_layer"], StackedConvPatchEmbed):
-            config["embed_layer"] = partial(config["embed_layer"], kernel_sizes=kernel_sizes,
+        embed_layer = config["embed_layer"]
+        if isinstance(embed_layer, str):
+            embed_layer = EMBED_LAYERS[embed_layer]
+        if isinstance(embed_layer, type) and issubclass(embed_layer, StackedConvPatchEmbed):
+            config["embed_layer"] = partial(embed_layer, kernel_sizes=kernel_sizes,
                                             mid_channels=mid_channels)
         elif kernel_sizes is not None:
             raise ValueError(f"kernel_sizes={kernel_sizes} needs a stacked stem, "
-                             f"but variant {variant!r} uses a linear patch projection")
+                             f"but variant {variant!r} uses {embed_layer.__name__}")
         super().__init__(**config)
         self.variant, self.size = variant, size
 

@@ -1,0 +1,252 @@
+"""Off-grid-robust invariant building blocks: the distance attention bias, the equivariant
+convolutional stem, and models built from them - exact invariance in float64, for every size
+and for non-square inputs, and checks that each test can fail."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import equivit_plugin  # noqa: F401  (registers the models)
+from equivit_plugin.equivariance import D4_TRANSFORMS
+from equivit_plugin.layers import (
+    ConvStem,
+    DistanceAttentionBias,
+    GMRConvStemEmbed,
+    default_stem_stages,
+    pairwise_distances,
+)
+
+D4 = {name: op for name, op in D4_TRANSFORMS if name != "rot0"}
+# The 180-degree turn and the two flips map an H x W grid onto itself for any H, W.
+RECTANGLE_SYMMETRIES = {
+    "rot180": lambda x: torch.rot90(x, 2, (-2, -1)),
+    "flip_h": lambda x: x.flip(-1),
+    "flip_v": lambda x: x.flip(-2),
+}
+CONFIGS = {
+    "distance_bias": {"attn_bias": "distance", "global_pool": "avg"},
+    "conv_stem": {"embed_layer": "gmr_stem", "global_pool": "avg"},
+    "conv_stem_distance_bias": {"embed_layer": "gmr_stem", "attn_bias": "distance",
+                                "global_pool": "token"},
+}
+
+
+def test_pairwise_distances_match_brute_force() -> None:
+    grid = (3, 5)
+    got = pairwise_distances(grid, dtype=torch.float64)
+    cells = [(r, c) for r in range(grid[0]) for c in range(grid[1])]
+    for i, (r1, c1) in enumerate(cells):
+        for j, (r2, c2) in enumerate(cells):
+            assert got[i, j].item() == pytest.approx(math.hypot(r1 - r2, c1 - c2), abs=1e-12)
+
+
+def test_distance_bias_interpolates_its_table_and_fills_prefix_rows() -> None:
+    bias = DistanceAttentionBias(num_heads=2, grid_size=(4, 4), knot_spacing=1.0)
+    with torch.no_grad():
+        bias.weight.copy_(torch.arange(bias.weight.numel(), dtype=torch.float32)
+                          .view_as(bias.weight))
+        bias.prefix.copy_(torch.tensor([[10.0, 20.0, 30.0], [40.0, 50.0, 60.0]]))
+    out = bias((4, 4), num_prefix_tokens=1)
+    assert out.shape == (1, 2, 17, 17)
+    table = bias.weight
+    # tokens 1 and 2 are one patch apart; token 1 and token 1 + 5 (one down, one right) sqrt(2)
+    assert out[0, 1, 1, 2].item() == pytest.approx(table[1, 1].item())
+    frac = math.sqrt(2) - 1
+    expected = table[0, 1] * (1 - frac) + table[0, 2] * frac
+    assert out[0, 0, 1, 6].item() == pytest.approx(expected.item(), rel=1e-6)
+    assert out[0, 0, 0, 0].item() == 30.0  # prefix to prefix
+    assert torch.all(out[0, 1, 0, 1:] == 40.0) and torch.all(out[0, 1, 1:, 0] == 50.0)
+    # A larger grid than the table was sized for clamps to the last knot.
+    far = bias((20, 20), num_prefix_tokens=0)
+    assert far[0, 0, 0, -1].item() == pytest.approx(table[0, -1].item())
+
+
+def _token_map(embed: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    tokens = embed(x)  # (B, N, D)
+    height, width = x.shape[-2] // 16, x.shape[-1] // 16
+    return tokens.transpose(1, 2).reshape(x.shape[0], -1, height, width)
+
+
+def test_conv_stem_is_exactly_equivariant_in_float64() -> None:
+    embed = GMRConvStemEmbed(img_size=224, patch_size=16, embed_dim=64).double()
+    x = torch.randn(2, 3, 224, 224, dtype=torch.float64)
+    reference = _token_map(embed, x)
+    for name, op in D4.items():
+        err = (_token_map(embed, op(x)) - op(reference)).abs().max().item()
+        assert err < 1e-12, f"{name}: {err}"
+
+
+def test_conv_stem_on_a_rectangle_and_the_plain_conv_control() -> None:
+    embed = GMRConvStemEmbed(img_size=(224, 320), patch_size=16, embed_dim=32).double()
+    x = torch.randn(1, 3, 224, 320, dtype=torch.float64)
+    reference = _token_map(embed, x)
+    for name, op in RECTANGLE_SYMMETRIES.items():
+        err = (_token_map(embed, op(x)) - op(reference)).abs().max().item()
+        assert err < 1e-12, f"{name}: {err}"
+    # The same geometry with unconstrained kernels is not equivariant: the test can fail.
+    plain = ConvStem(3, 32, conv_layer=nn.Conv2d).double()
+    image = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    assert (plain(image.flip(-1)) - plain(image).flip(-1)).abs().max().item() > 1e-3
+
+
+def test_conv_stem_arguments_are_checked() -> None:
+    assert default_stem_stages(16) == ((6, 4), (4, 2), (4, 2))
+    assert default_stem_stages(8) == ((6, 4), (4, 2))
+    with pytest.raises(ValueError, match="patch_size = 4 \\* 2\\^m"):
+        default_stem_stages(12)
+    with pytest.raises(ValueError, match="even kernel_size - stride"):
+        ConvStem(3, 8, stages=((3, 2), (4, 2)))
+    with pytest.raises(ValueError, match="multiply to 8, but patch_size is 16"):
+        GMRConvStemEmbed(patch_size=16, embed_dim=8, stages=((6, 4), (4, 2)))
+    with pytest.raises(ValueError, match="not divisible by patch_size 16"):
+        GMRConvStemEmbed(img_size=None, patch_size=16, embed_dim=8,
+                         strict_img_size=False)(torch.randn(1, 3, 40, 48))
+
+
+def _invariance_error(model: nn.Module, x: torch.Tensor, ops) -> float:
+    with torch.no_grad():
+        feats = model.forward_head(model.forward_features(x), pre_logits=True)
+        logits = model(x)
+        worst = 0.0
+        for op in ops.values():
+            y = op(x)
+            pooled = model.forward_head(model.forward_features(y), pre_logits=True)
+            worst = max(worst, (pooled - feats).abs().max().item(),
+                        (model(y) - logits).abs().max().item())
+    return worst
+
+
+def _randomise_position_parts(model: nn.Module) -> None:
+    """Zero-initialised tables would make any model look invariant: give them values."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.startswith(("attn_bias.", "radial_pos_embed.")):
+                param.normal_(std=1.0)
+
+
+@pytest.mark.parametrize("size", ["tiny", "small", "base"])
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+def test_invariant_variants_are_exact_in_float64_for_every_size(size: str, config: str) -> None:
+    model = timm.create_model(f"equivit_ri_{size}_patch16_224", num_classes=4, img_size=64,
+                              depth=2, **CONFIGS[config]).double().eval()
+    _randomise_position_parts(model)
+    err = _invariance_error(model, torch.randn(2, 3, 64, 64, dtype=torch.float64), D4)
+    assert err < 1e-10, err
+
+
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+def test_invariant_variants_at_224_and_on_a_224x320_rectangle(config: str) -> None:
+    model = timm.create_model("equivit_ri_tiny_patch16_224", num_classes=4, depth=2,
+                              **CONFIGS[config]).double().eval()
+    _randomise_position_parts(model)
+    assert _invariance_error(model, torch.randn(1, 3, 224, 224, dtype=torch.float64), D4) < 1e-10
+    wide = timm.create_model("equivit_ri_tiny_patch16_224", num_classes=4, depth=2,
+                             img_size=(224, 320), **CONFIGS[config]).double().eval()
+    _randomise_position_parts(wide)
+    x = torch.randn(1, 3, 224, 320, dtype=torch.float64)
+    assert _invariance_error(wide, x, RECTANGLE_SYMMETRIES) < 1e-10
+
+
+def test_distance_bias_changes_the_output_and_a_position_bias_would_break_invariance() -> None:
+    model = timm.create_model("equivit_ri_tiny_patch16_224", num_classes=4, img_size=64, depth=2,
+                              attn_bias="distance").double().eval()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        before = model(x)
+        model.attn_bias.weight.normal_(std=1.0)
+        after = model(x)
+    assert (after - before).abs().max().item() > 1e-3  # the bias reaches the output
+    # Control: a bias that depends on absolute positions (not only on distances) is not
+    # invariant, so the invariance tests above can fail.
+    bias = model.attn_bias(model.patch_embed.grid_size, model.num_prefix_tokens)
+    skewed = bias + torch.randn(1, 1, 1, bias.shape[-1], dtype=bias.dtype)
+    with torch.no_grad():
+        plain = model.forward_head(model.forward_features(x, attn_mask=skewed - bias))
+        turned = model.forward_head(
+            model.forward_features(torch.rot90(x, 1, (-2, -1)), attn_mask=skewed - bias))
+    assert (plain - turned).abs().max().item() > 1e-6
+
+
+def test_distance_bias_reaches_forward_intermediates_and_rejects_patch_dropout() -> None:
+    model = timm.create_model("equivit_ri_tiny_patch16_224", num_classes=0, img_size=64, depth=2,
+                              attn_bias="distance", global_pool="avg").eval()
+    _randomise_position_parts(model)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        final, _ = model.forward_intermediates(x)
+        assert torch.allclose(final, model.forward_features(x), atol=1e-6)
+    dropped = timm.create_model("equivit_ri_tiny_patch16_224", img_size=64, depth=1,
+                                attn_bias="distance", patch_drop_rate=0.5).train()
+    with pytest.raises(NotImplementedError, match="patch dropout"):
+        dropped(x)
+
+
+def test_embed_layer_by_name_round_trips_through_a_checkpoint(tmp_path) -> None:
+    from equivit_plugin.models import load_model, save_checkpoint
+
+    kwargs = {"num_classes": 3, "img_size": 64, "depth": 2, "embed_layer": "gmr_stem",
+              "attn_bias": "distance", "global_pool": "avg"}
+    model = timm.create_model("equivit_ri_tiny_patch16_224", **kwargs).eval()
+    path = save_checkpoint(tmp_path / "model.pt", model, "equivit_ri_tiny_patch16_224",
+                           class_names=["a", "b", "c"], model_kwargs=kwargs)
+    loaded, info = load_model(path)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    assert isinstance(loaded.patch_embed, GMRConvStemEmbed)
+    assert info.model_kwargs["attn_bias"] == "distance"
+    with pytest.raises(ValueError, match="embed_layer must be one of"):
+        timm.create_model("equivit_ri_tiny_patch16_224", embed_layer="gmr-stem")
+    with pytest.raises(ValueError, match="attn_bias must be 'none' or 'distance'"):
+        timm.create_model("equivit_ri_tiny_patch16_224", attn_bias="relative")
+
+
+@pytest.mark.parametrize("variant", ["equivit_rid", "equivit_ric"])
+def test_registered_variants_through_the_monai_door(variant: str) -> None:
+    from equivit_plugin.networks import EquiViT, create_network
+
+    name = f"{variant}_tiny_patch16_224"
+    timm_model = timm.create_model(name, num_classes=3, img_size=64)
+    monai_net = EquiViT(in_channels=3, num_classes=3, img_size=64, variant=variant, size="tiny")
+    assert monai_net.state_dict().keys() == timm_model.state_dict().keys()
+    monai_net.load_state_dict(timm_model.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(monai_net(x), timm_model.eval()(x), atol=1e-6)
+        assert create_network(name, num_classes=3, img_size=64)(x).shape == (2, 3)
+    expected_depth = 11 if variant == "equivit_ric" else 12
+    assert len(timm_model.blocks) == expected_depth and timm_model.global_pool == "avg"
+
+
+@pytest.mark.parametrize("variant", ["equivit_rid", "equivit_ric"])
+def test_registered_variants_through_the_tiatoolbox_engine(variant: str,
+                                                           shared_data) -> None:
+    import numpy as np
+    from PIL import Image
+    from tiatoolbox.models.engine.deep_feature_extractor import DeepFeatureExtractor
+
+    from equivit_plugin.tiatoolbox import EquiViTEncoder, make_ioconfig
+
+    files = sorted((shared_data / "crc_tiles").glob("*/*.png"))[:3]
+    tiles = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+    rotated = np.ascontiguousarray(np.rot90(tiles, 1, (1, 2)))
+    torch.manual_seed(4)
+    encoder = EquiViTEncoder.from_name(f"{variant}_tiny_patch16_224", depth=1)
+    _randomise_position_parts(encoder.net)
+    engine = DeepFeatureExtractor(model=encoder, batch_size=2)
+    features = [np.asarray(engine.run(images=batch, patch_mode=True,
+                                      ioconfig=make_ioconfig())["features"])
+                for batch in (tiles, rotated)]
+    from equivit_plugin.models import normalise_batch
+
+    with torch.no_grad():
+        direct = encoder.net.forward_head(
+            encoder.net.forward_features(normalise_batch(torch.from_numpy(tiles))),
+            pre_logits=True)
+    np.testing.assert_allclose(features[0], direct.numpy(), atol=1e-5)
+    np.testing.assert_allclose(features[1], features[0], atol=1e-4)
