@@ -627,3 +627,29 @@ def _tiles(data: Path) -> list[dict[str, Any]]:
 
     transform = tile_transforms(img_size=32)
     return [transform(item) for item in discover_tiles(str(data))]
+
+
+def test_train_json_any_angle_augmentation_with_the_robust_variant(tiny_data: Path,
+                                                                   tmp_path: Path) -> None:
+    """train.json with ``--augment any_angle`` and ``equivit_ric``: the checkpoint rebuilds the
+    conv-stem model, which is invariant to the 8 rotations/flips."""
+    from equivit_plugin.bundle.data import tile_transforms
+
+    _train(tmp_path, tiny_data, network_name="equivit_ric_tiny_patch16_224",
+           augment="any_angle", max_shift=4)
+    net, info = load_model(tmp_path / "models" / "model.pt")
+    assert info.name == "equivit_ric_tiny_patch16_224" and len(net.blocks) == 1
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for k in (1, 2, 3):
+            assert torch.allclose(net(torch.rot90(x, k, (-2, -1))), net(x), atol=1e-5)
+    # The augmentation draws a new angle and shift per call; "none" is deterministic.
+    item = {"image": str(sorted((tiny_data / "lung_n").glob("*.jpeg"))[0])}
+    augment = tile_transforms(32, "any_angle")
+    augment.set_random_state(0)
+    first, second = augment(dict(item))["image"], augment(dict(item))["image"]
+    plain = tile_transforms(32, "none")(dict(item))["image"]
+    assert first.shape == plain.shape == (3, 32, 32)
+    assert (first - second).abs().max() > 0.1 and (first - plain).abs().max() > 0.1
+    with pytest.raises(ValueError, match="augment must be one of"):
+        tile_transforms(32, "rotate")

@@ -40,6 +40,7 @@ from monai.transforms import (
     LoadImaged,
     MapTransform,
     NormalizeIntensityd,
+    RandAffined,
     RandFlipd,
     RandRotate90d,
     Resized,
@@ -50,6 +51,7 @@ from PIL import Image
 from ..models import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
+    "AUGMENTATIONS",
     "FITS",
     "IMAGE_SUFFIXES",
     "CenterSquareCropd",
@@ -70,6 +72,9 @@ logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 """Tile file suffixes, compared case-insensitively."""
+
+AUGMENTATIONS: tuple[str, ...] = ("none", "d4", "any_angle")
+"""Random geometric augmentations of :func:`tile_transforms` (see there)."""
 
 FITS: tuple[str, ...] = ("crop", "resize")
 """How :func:`tile_transforms` brings a tile to ``img_size x img_size`` (see there)."""
@@ -513,8 +518,8 @@ class _WarnIfResized(MapTransform):
 
 
 def tile_transforms(
-    img_size: int = 224, augment: bool = False, keys: Sequence[str] = ("image",),
-    fit: str = "crop",
+    img_size: int = 224, augment: bool | str = False, keys: Sequence[str] = ("image",),
+    fit: str = "crop", max_shift: float = 8.0,
 ) -> Compose:
     """MONAI pipeline from a datalist item to a normalised tile tensor.
 
@@ -523,26 +528,39 @@ def tile_transforms(
     500 x 300, is centre-cropped to 300 x 300 so nothing is squashed), resize to ``img_size``
     (bilinear, anti-aliased; tiles already that size are untouched), scale 0..255 to 0..1,
     ImageNet mean/std (:data:`equivit_plugin.models.IMAGENET_MEAN`/``IMAGENET_STD``), float32.
-    With ``augment`` it appends ``RandRotate90d(prob=0.75)`` and ``RandFlipd(prob=0.5)``: the 8
-    rotations/flips of the square, each with probability 1/8 (the paper trains without
-    geometric augmentation).
+    Then the random geometric augmentation (:data:`AUGMENTATIONS`):
+
+    * ``"none"`` (or ``False``): none (the paper trains without geometric augmentation);
+    * ``"d4"`` (or ``True``): ``RandRotate90d(prob=0.75)`` and ``RandFlipd(prob=0.5)``, the 8
+      exact rotations/flips of the square, each with probability 1/8;
+    * ``"any_angle"``: ``RandAffined`` with a uniform angle in [-180, 180) degrees and a
+      translation of up to ``max_shift`` pixels along each axis (bilinear, reflected border),
+      then a flip with probability 1/2: tissue at every angle and the patch grid at every
+      offset, which is what rotation robustness off the 90-degree grid needs.
 
     Args:
         img_size: output height and width in pixels.
-        augment: add random exact 90-degree rotations and flips.
+        augment: one of :data:`AUGMENTATIONS` (booleans: ``"none"`` / ``"d4"``).
         keys: item keys holding image paths.
         fit: ``"crop"`` (centre square crop, then resize) or ``"resize"`` (resize the whole
             tile, squashing a non-square one: the behaviour before the crop existed).
+        max_shift: largest translation of ``"any_angle"``, pixels.
 
     Returns:
         ``Compose`` mapping ``{"image": path, ...}`` to ``{"image": (3, img_size, img_size)
         float32 MetaTensor, ...}``; other keys (``label``, ``class_name``) pass through.
 
     Raises:
-        ValueError: ``fit`` is not one of :data:`FITS`.
+        ValueError: ``fit`` is not one of :data:`FITS` or ``augment`` not one of
+            :data:`AUGMENTATIONS`.
     """
     if fit not in FITS:
         raise ValueError(f"tile_transforms: fit must be one of {list(FITS)}, got {fit!r}")
+    if isinstance(augment, bool):
+        augment = "d4" if augment else "none"
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"tile_transforms: augment must be one of {list(AUGMENTATIONS)} (or a "
+                         f"boolean), got {augment!r}")
     keys = list(keys)
     size = int(img_size)
     transforms = [
@@ -557,13 +575,21 @@ def tile_transforms(
                             channel_wise=True),
         EnsureTyped(keys, dtype=torch.float32),
     ]
-    if augment:
-        # Last, after every deterministic step, so CacheDataset caches the loaded tiles and the
-        # random part stays an exact pixel permutation. prob 0.75 with max_k=3 makes k=0..3
-        # equally likely.
+    # The random part comes last, after every deterministic step, so CacheDataset caches the
+    # loaded tiles.
+    if augment == "d4":
+        # An exact pixel permutation; prob 0.75 with max_k=3 makes k=0..3 equally likely.
         transforms += [
             RandRotate90d(keys, prob=0.75, max_k=3, spatial_axes=(0, 1)),
             RandFlipd(keys, prob=0.5, spatial_axis=1),
+        ]
+    elif augment == "any_angle":
+        transforms += [
+            RandAffined(keys, prob=1.0, rotate_range=(np.pi,),
+                        translate_range=(float(max_shift), float(max_shift)),
+                        mode="bilinear", padding_mode="reflection"),
+            RandFlipd(keys, prob=0.5, spatial_axis=1),
+            EnsureTyped(keys, dtype=torch.float32),
         ]
     return Compose(transforms)
 
