@@ -22,7 +22,7 @@ _LAZY_NAMES = {
     "load_model": "models", "load_vit_weights": "models", "pooled_embedding": "models",
 }
 _SUBPACKAGES = ("bundle", "cli", "equivariance", "features", "layers", "models", "networks",
-                "tiatoolbox", "utils")
+                "robustness", "tiatoolbox", "utils")
 
 __all__ = [
     "EquiVisionTransformer",

@@ -5,13 +5,18 @@ Subcommands:
 * ``equivit extract-features SLIDES... --out DIR`` -- MIL features per slide
   (:func:`equivit_plugin.features.extract_features`; see ``docs/features.md``);
   ``equivit extract-features --demo --out DIR`` runs it on a packaged H&E slide.
+* ``equivit rotation-report --model NAME SLIDES... --out DIR`` -- how stable each encoder's
+  features are when tissue is rotated or shifted
+  (:func:`equivit_plugin.robustness.rotation_report`; see ``docs/rotation_report.md``).
 
-Exit codes: 0 all slides ok (done or already complete), 1 some slides failed (listed in the
-summary), 2 usage errors (bad arguments, nothing processed).
+Exit codes: 0 all slides ok (done or already complete; the report written), 1 some slides
+failed (listed in the summary; a slide unreadable while the report reads it), 2 usage errors
+(bad arguments, nothing processed).
 
 Importing this module, ``--help`` and usage errors cost no torch, timm or TIAToolbox: the
 choices and defaults come from torch-free modules (:mod:`equivit_plugin.features.config`,
-:mod:`equivit_plugin.utils.precision`); the pipeline is imported only to run.
+:mod:`equivit_plugin.robustness.config`, :mod:`equivit_plugin.utils.precision`); the
+pipelines are imported only to run.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -30,9 +36,18 @@ from .features.config import (
     OUT_DTYPES,
     TISSUE_MASKS,
 )
+from .robustness.config import (
+    DEFAULT_ANGLE_STEP,
+    DEFAULT_K,
+    DEFAULT_MIN_TISSUE,
+    DEFAULT_REGION_STRIDE,
+    DEFAULT_REGIONS,
+    DEFAULT_SHIFTS,
+)
+from .robustness.config import DEFAULT_BATCH_SIZE as DEFAULT_REPORT_BATCH_SIZE
 from .utils.precision import PRECISIONS
 
-__all__ = ["build_parser", "cli_message", "main"]
+__all__ = ["build_parser", "cli_message", "format_report_table", "main"]
 
 EXIT_OK, EXIT_FAILED_SLIDES, EXIT_USAGE = 0, 1, 2
 
@@ -203,12 +218,136 @@ def _run_extract_features(args: argparse.Namespace) -> int:
     return EXIT_OK if summary.ok else EXIT_FAILED_SLIDES
 
 
+def _add_rotation_report(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "rotation-report",
+        help="how stable encoders' features are when tissue is rotated or shifted",
+        description=(
+            "Measure how stable each encoder's pooled features are when tissue is rotated by "
+            "any angle (Elphick et al., arXiv 2412.11938): tissue regions of twice the tile "
+            "size are rotated about their centre by 0, --angle-step, ... degrees and their "
+            "central tile is embedded (no padding is ever read); per angle the mutual-kNN "
+            "similarity (k neighbours, cosine) and the mean cosine to the unrotated features. "
+            "Also sub-patch shifts of the crop, alone and after an exact 90-degree turn. All "
+            "models are measured on the same regions. Writes DIR/rotation_report.json and "
+            "DIR/rotation_report.png (see docs/rotation_report.md)."),
+        formatter_class=_HelpFormatter)
+    parser.add_argument("slides", nargs="+", metavar="SLIDES",
+                        help="slide files, directories, glob patterns, or .txt/.csv lists of "
+                             "paths (CSV: column 'path' or 'slide', else the first)")
+    parser.add_argument("--model", dest="models", action="append", default=None,
+                        metavar="MODEL",
+                        help=f"registered timm model name (random weights: a warning says so) "
+                             f"or a checkpoint written by equivit_plugin.models.save_checkpoint;"
+                             f" repeat to compare models side by side (default: "
+                             f"{DEFAULT_MODEL})")
+    parser.add_argument("--out", dest="out_dir", required=True, metavar="DIR",
+                        help="output folder")
+    parser.add_argument("--regions", dest="n_regions", type=_positive_int,
+                        default=DEFAULT_REGIONS, metavar="N",
+                        help="tissue regions to measure, spread over the slides")
+    parser.add_argument("--mpp", dest="target_mpp", type=_positive_float, default=DEFAULT_MPP,
+                        metavar="MPP", help="resolution in micrometres per pixel (0.5 = 20x)")
+    parser.add_argument("--slide-mpp", type=_positive_float, default=None, metavar="MPP",
+                        help="resolution of slides without resolution metadata (PNG/JPEG...)")
+    parser.add_argument("--angle-step", type=_positive_float, default=DEFAULT_ANGLE_STEP,
+                        metavar="DEG",
+                        help="degrees between angles (must divide 360); angles 0 to 360 "
+                             "exclusive")
+    parser.add_argument("--shifts", type=_natural_int, nargs="*",
+                        default=list(DEFAULT_SHIFTS), metavar="S",
+                        help="sub-patch shifts of the crop in pixels (each < half the tile "
+                             "size), alone and with a 90-degree turn; none: no shift views")
+    parser.add_argument("--k", type=_positive_int, default=DEFAULT_K,
+                        help="neighbours of the mutual-kNN similarity (< number of regions)")
+    parser.add_argument("--d4-average", action="store_true",
+                        help="average features over the 8 rotations/flips of each view "
+                             "(8x the cost)")
+    parser.add_argument("--batch-size", type=_positive_int, default=DEFAULT_REPORT_BATCH_SIZE,
+                        metavar="N", help="views per forward pass")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--seed", type=_natural_int, default=0,
+                        help="which regions are drawn, and the random weights of registered "
+                             "names")
+    parser.add_argument("--tissue-mask", choices=TISSUE_MASKS, default=TISSUE_MASKS[0],
+                        help="TIAToolbox tissue masker, or 'none' for every region")
+    parser.add_argument("--min-tissue", type=_fraction, default=DEFAULT_MIN_TISSUE,
+                        metavar="F", help="minimum tissue fraction of a region")
+    parser.add_argument("--region-stride", type=_positive_float, default=DEFAULT_REGION_STRIDE,
+                        metavar="F", help="step between candidate regions, in tile sizes "
+                                          "(regions are 2 tiles wide; 2 = disjoint)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.set_defaults(handler=_run_rotation_report, parser=parser)
+
+
+def _number_cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def format_report_table(report: Mapping[str, Any]) -> str:
+    """The report as a compact text table, one row per model (mutual-kNN at the exact
+    90-degree turns, off the grid, per shift view; mean cosine off the grid)."""
+    shift_keys = list(report["models"][0]["shifts"]) if report["models"] else []
+    headers = ["model", "kNN 90/180/270", "kNN off-grid", *(f"kNN {k}" for k in shift_keys),
+               "cos off-grid"]
+    rows = []
+    for model in report["models"]:
+        summary = model["summary"]
+        rows.append([model["label"], _number_cell(summary["grid90_mutual_knn"]),
+                     _number_cell(summary["off_grid_mutual_knn"]),
+                     *(_number_cell(model["shifts"][k]["mutual_knn"]) for k in shift_keys),
+                     _number_cell(summary["off_grid_mean_cosine"])])
+    widths = [max(len(str(row[i])) for row in [headers, *rows]) for i in range(len(headers))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                       for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in [headers, *rows]]
+    return "\n".join(lines)
+
+
+def _run_rotation_report(args: argparse.Namespace) -> int:
+    from .robustness.config import RotationReportError, angles_from_step
+
+    parser: argparse.ArgumentParser = args.parser
+    try:
+        angles = angles_from_step(args.angle_step)
+        from .features.encoder import RandomWeightsWarning
+        from .features.slides import SlideError
+        from .robustness.report import rotation_report
+
+        names = ("shifts", "k", "d4_average", "batch_size", "device", "target_mpp",
+                 "n_regions", "region_stride", "slide_mpp", "tissue_mask", "min_tissue", "seed",
+                 "out_dir")
+        with warnings.catch_warnings():
+            # The report carries the random-weights note; it is printed below, once.
+            warnings.simplefilter("ignore", RandomWeightsWarning)
+            report = rotation_report(args.models or [DEFAULT_MODEL], args.slides,
+                                     angles=angles, progress=not args.no_progress,
+                                     **{n: getattr(args, n) for n in names})
+    except RotationReportError as error:
+        return _usage_error(parser, cli_message(str(error), _flags(parser)))
+    except SlideError as error:
+        print(f"equivit rotation-report: {error}", file=sys.stderr)
+        return EXIT_FAILED_SLIDES
+    for note in report["warnings"]:
+        print(f"warning: {note}", file=sys.stderr)
+    slides = ", ".join(s["path"] for s in report["slides"] if s["regions"])
+    step = f"{args.angle_step:g}"
+    print(f"rotation report: {report['n_regions']} regions from {slides}; k={report['k']}, "
+          f"angles every {step} deg, shifts {report['shifts'] or 'none'}"
+          f"{', D4-averaged' if report['d4_average'] else ''}")
+    print(format_report_table(report))
+    print(f"report: {report['files']['json']}")
+    print(f"plot: {report['files']['png']}", flush=True)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``equivit`` argument parser with its subcommands."""
     parser = argparse.ArgumentParser(
         prog="equivit", description="equivit-plugin command-line tools")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_extract_features(subparsers)
+    _add_rotation_report(subparsers)
     return parser
 
 

@@ -13,7 +13,7 @@ def python_blocks(page: Path) -> str:
     return "\n".join(re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S))
 
 
-@pytest.mark.parametrize("page", ["tiatoolbox.md", "features.md"])
+@pytest.mark.parametrize("page", ["tiatoolbox.md", "features.md", "rotation_report.md"])
 def test_python_examples_run(page: str, shared_data: Path, tmp_path: Path,
                              monkeypatch: pytest.MonkeyPatch,
                              capsys: pytest.CaptureFixture[str]) -> None:
@@ -31,3 +31,11 @@ def test_python_examples_run(page: str, shared_data: Path, tmp_path: Path,
     if page == "features.md":
         assert namespace["summary"].ok and len(namespace["summary"].done) == 2
         assert namespace["features"].shape == (78, 192) and namespace["coords"].shape == (78, 2)
+    if page == "rotation_report.md":
+        report = namespace["report"]
+        assert [m["label"] for m in report["models"]] == ["vit_tiny_patch16_224",
+                                                          "equivit_ri_tiny_patch16_224"]
+        assert "equivit_ri_tiny_patch16_224: mutual-kNN at 90/180/270 1.000" in printed
+        assert (tmp_path / "report" / "rotation_report.json").is_file()
+        assert (tmp_path / "report" / "rotation_report.png").is_file()
+        assert len(namespace["figure"].axes) == 3

@@ -1,0 +1,466 @@
+"""The rotation report: how stable an encoder's pooled features are when tissue turns.
+
+The protocol of Elphick et al. (arXiv 2412.11938), for any timm encoder:
+
+1. regions of ``2T x 2T`` px (``T``: the model's input side) are read from tissue at the
+   target resolution (:mod:`.regions`), the same level-0 centres for every model;
+2. each region is rotated about its centre by ``0, 15, ..., 345`` degrees (counter-clockwise,
+   :func:`~equivit_plugin.equivariance.transforms.rotate`: multiples of 90 exact, others
+   bilinear) and its central ``T x T`` crop is taken (:func:`region_views`); the crop never
+   reaches the region's border, so no padding is read;
+3. per angle, the pooled features of the rotated crops are compared with those of the
+   unrotated crops: the mutual-kNN similarity (Huh et al. 2024,
+   :func:`~equivit_plugin.equivariance.metrics.mutual_knn_similarity`, cosine neighbours) and
+   the mean cosine between each region's two feature vectors;
+4. sub-patch translations: the unrotated region cropped ``s`` px right and down of centre,
+   and the same after an exact 90-degree turn (``"s+rot90"``), against the same reference.
+
+The reference (0 degree) features are computed once per model and reused by every view.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import timm
+import timm.data
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from ..equivariance.metrics import mutual_knn_similarity
+from ..equivariance.transforms import rotate
+from ..features.encoder import RandomWeightsWarning
+from ..features.slides import resolve_slides
+from ..models import ModelInfo, ModelLoadError, PooledEncoder, is_checkpoint_path, load_model
+from ..utils.atomic import atomic_write_json
+from ..version import __version__
+from .config import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_K,
+    DEFAULT_MIN_TISSUE,
+    DEFAULT_MODEL,
+    DEFAULT_MPP,
+    DEFAULT_REGION_STRIDE,
+    DEFAULT_REGIONS,
+    DEFAULT_SHIFTS,
+    REPORT_JSON,
+    REPORT_PNG,
+    ReportSettings,
+    RotationReportError,
+    angle_key,
+)
+from .plots import plot_rotation_report
+from .regions import Regions, sample_regions
+
+__all__ = ["REFERENCES", "ModelSource", "region_views", "rotation_report", "summarise"]
+
+ModelSource = str | os.PathLike | tuple[nn.Module, ModelInfo]
+"""A registered timm name (random weights), a checkpoint path, or a built
+``(model, ModelInfo)`` pair (what :func:`~equivit_plugin.models.load_model` returns)."""
+
+REFERENCES = ("Elphick et al., arXiv 2412.11938 (protocol); Huh et al. 2024, 'The Platonic "
+              "Representation Hypothesis' (mutual-kNN similarity)")
+
+
+def region_views(regions: torch.Tensor, angle: float, tile_size: int,
+                 shift: int = 0) -> torch.Tensor:
+    """Rotate regions about their centre and crop ``T x T`` from the middle.
+
+    Args:
+        regions: ``(N, C, S, S)`` float regions (``S = 2T`` in the report); any dtype for
+            multiples of 90 degrees.
+        angle: degrees, counter-clockwise as displayed
+            (:func:`~equivit_plugin.equivariance.transforms.rotate`: multiples of 90 are
+            ``torch.rot90``, exact; other angles bilinear).
+        tile_size: crop side ``T``; ``S - T`` must be even so that the crop is centred.
+        shift: the crop's offset from the centre, ``shift`` px right and ``shift`` px down
+            (after the rotation).
+
+    Returns:
+        ``(N, C, T, T)``: ``rotate(regions, angle)[..., y0:y0 + T, x0:x0 + T]`` with
+        ``y0 = x0 = (S - T) / 2 + shift``.
+
+    Raises:
+        ValueError: the crop leaves the region, or (off the 90-degree grid) reaches pixels
+            whose bilinear sources lie outside it, i.e. it would read padding.
+    """
+    if regions.dim() != 4 or regions.shape[-1] != regions.shape[-2]:
+        raise ValueError(f"expected (N, C, S, S) regions, got shape {tuple(regions.shape)}")
+    side = regions.shape[-1]
+    if (side - tile_size) % 2:
+        raise ValueError(f"a {tile_size} px crop cannot be centred in a {side} px region "
+                         f"(S - T must be even)")
+    start = (side - tile_size) // 2 + shift
+    if start < 0 or start + tile_size > side:
+        raise ValueError(f"a {tile_size} px crop shifted by {shift} px leaves the {side} px "
+                         f"region")
+    if float(angle) % 90.0:
+        # Off the 90-degree grid a crop pixel at distance r from the centre reads source
+        # points at distance r: the crop's farthest corner must stay within (S - 1) / 2 of
+        # the centre for its bilinear sources to lie inside the region.
+        centre = (side - 1) / 2
+        corner = max(abs(start - centre), abs(start + tile_size - 1 - centre))
+        if corner * math.sqrt(2) > centre + 1e-9:
+            raise ValueError(f"rotating a {side} px region by {angle} degrees would bring "
+                             f"padding into a {tile_size} px crop shifted by {shift} px")
+    turned = rotate(regions, angle)
+    return turned[..., start:start + tile_size, start:start + tile_size]
+
+
+@dataclass
+class _Encoder:
+    """A loaded model and how its inputs are made (the model's own data config)."""
+
+    label: str
+    source: str
+    net: nn.Module
+    info: ModelInfo
+    tile_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    data_config: dict[str, Any]
+
+
+def _load(source: ModelSource, seed: int,
+          model_kwargs: Mapping[str, Any]) -> tuple[nn.Module, ModelInfo, str]:
+    """``(model, info, source as text)`` for one entry of ``models``."""
+    if isinstance(source, tuple):
+        net, info = source
+        if not isinstance(net, nn.Module) or not isinstance(info, ModelInfo):
+            raise RotationReportError("models= a pair must be (nn.Module, ModelInfo), as "
+                                      "load_model returns it", "models")
+        return net.eval(), info, info.source
+    text = os.fspath(source)
+    if not is_checkpoint_path(text) and not timm.is_model(text):
+        raise RotationReportError(
+            f"models= {text!r} is neither a registered timm model (e.g. {DEFAULT_MODEL}, "
+            f"vit_small_patch16_224) nor an existing checkpoint file", "models")
+    try:
+        if is_checkpoint_path(text):
+            net, info = load_model(text, **model_kwargs)
+        else:
+            net, info = load_model(text, seed=seed, **model_kwargs)
+    except ModelLoadError as error:
+        raise RotationReportError(f"models= {text!r}: {error}", "models") from error
+    return net, info, text
+
+
+def _encoders(models: ModelSource | Sequence[ModelSource], seed: int,
+              model_kwargs: Mapping[str, Any]) -> list[_Encoder]:
+    """Load every model, label it uniquely and read its preprocessing from timm."""
+    single = isinstance(models, (str, os.PathLike)) or (
+        isinstance(models, tuple) and len(models) == 2 and isinstance(models[0], nn.Module))
+    sources = [models] if single else list(models)
+    if not sources:
+        raise RotationReportError("models= give at least one model", "models")
+    encoders: list[_Encoder] = []
+    for source in sources:
+        net, info, text = _load(source, seed, model_kwargs)
+        base = Path(text).name if info.checkpoint else info.name
+        label, copy = base, 2
+        while label in {e.label for e in encoders}:
+            label, copy = f"{base} ({copy})", copy + 1
+        config = dict(timm.data.resolve_data_config({}, model=net))
+        size = int(info.img_size)
+        # timm's pretrained_cfg keeps the registered input size (224) for a model built with
+        # img_size=112: the size the model was built for is ModelInfo's.
+        config["input_size"] = (3, size, size)
+        if size % 2:
+            raise RotationReportError(f"models= {text!r} takes {size} px inputs; the protocol "
+                                      f"needs an even input size (a centred crop)", "models")
+        encoders.append(_Encoder(
+            label=label, source=text, net=net, info=info, tile_size=size,
+            mean=tuple(float(v) for v in config["mean"]),
+            std=tuple(float(v) for v in config["std"]),
+            data_config={key: list(value) if isinstance(value, tuple) else value
+                         for key, value in config.items()}))
+    return encoders
+
+
+def _device(device: Any) -> torch.device:
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise RotationReportError(f"device= {device!r} is not a torch device ({error})",
+                                  "device") from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise RotationReportError(f"device= {device!r}: CUDA is not available here", "device")
+    return resolved
+
+
+def _embed(encoder: nn.Module, regions: torch.Tensor, *, angle: float, shift: int,
+           tile_size: int, mean: torch.Tensor, std: torch.Tensor, batch_size: int,
+           device: torch.device) -> torch.Tensor:
+    """Features of one view of every region.
+
+    Args:
+        encoder: ``(B, 3, T, T)`` normalised -> ``(B, D)``.
+        regions: ``(N, 2T, 2T, 3)`` uint8 (the cached read, shared: never written to).
+        mean, std: ``(1, 3, 1, 1)`` on ``device``.
+
+    Returns:
+        ``(N, D)`` float64 on the CPU.
+    """
+    out = []
+    for start in range(0, len(regions), batch_size):
+        batch = regions[start:start + batch_size].permute(0, 3, 1, 2)
+        # Rotated as [0, 1] floats, then normalised: rotation and normalisation commute up
+        # to rounding, and this order keeps rotate's input a plain image.
+        x = batch.to(device=device, dtype=torch.float32).contiguous().div_(255.0)
+        views = (region_views(x, angle, tile_size, shift) - mean) / std
+        out.append(encoder(views).double().cpu())
+    return torch.cat(out)
+
+
+def _compare(reference: torch.Tensor, features: torch.Tensor, k: int) -> dict[str, float]:
+    """``{"mutual_knn", "mean_cosine"}`` of ``(N, D)`` features against the reference."""
+    return {"mutual_knn": mutual_knn_similarity(reference, features, k=k),
+            "mean_cosine": float(F.cosine_similarity(reference, features, dim=1).mean())}
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def summarise(angles: Mapping[str, Mapping[str, float]],
+              shifts: Mapping[str, Mapping[str, float]]) -> dict[str, float | None]:
+    """The headline numbers of one model's ``angles`` and ``shifts`` records.
+
+    Returns:
+        ``grid90_<metric>`` (mean over 90/180/270 degrees), ``off_grid_<metric>`` (angles that
+        are not multiples of 90), ``all_angles_<metric>`` (every angle but 0) for
+        ``mutual_knn`` and ``mean_cosine``, and ``shift_<key>_<metric>`` per shift view
+        (``"4"`` -> ``shift_4_...``, ``"4+rot90"`` -> ``shift_4_rot90_...``). ``None`` where
+        no angle falls in a group.
+    """
+    summary: dict[str, float | None] = {}
+    for metric in ("mutual_knn", "mean_cosine"):
+        grid = [v[metric] for a, v in angles.items() if float(a) % 90 == 0]
+        off = [v[metric] for a, v in angles.items() if float(a) % 90 != 0]
+        summary[f"grid90_{metric}"] = _mean(grid)
+        summary[f"off_grid_{metric}"] = _mean(off)
+        summary[f"all_angles_{metric}"] = _mean(grid + off)
+    for key, values in shifts.items():
+        for metric in ("mutual_knn", "mean_cosine"):
+            summary[f"shift_{key.replace('+', '_')}_{metric}"] = values[metric]
+    return summary
+
+
+def _views(settings: ReportSettings) -> list[tuple[str, str, float, int]]:
+    """``(group, key, angle, shift)`` of every view, the reference first."""
+    views = [("angles", angle_key(angle), angle, 0) for angle in settings.angles]
+    for shift in settings.shifts:
+        views += [("shifts", str(shift), 0.0, shift), ("shifts", f"{shift}+rot90", 90.0, shift)]
+    return views
+
+
+def _random_weights_note(encoder: _Encoder, seed: int) -> str:
+    return (f"{encoder.label}: no checkpoint given, the weights are RANDOM (seed {seed}); its "
+            f"numbers describe the untrained architecture, not a trained encoder")
+
+
+def _measure(encoder: _Encoder, regions: Regions, settings: ReportSettings,
+             device: torch.device, bar: tqdm, progress: bool) -> dict[str, Any]:
+    """Every view of one model: ``{"angles": ..., "shifts": ..., "seconds": ...}``."""
+    started = time.perf_counter()
+    size = encoder.tile_size
+    # Read once per tile size (cached in ``regions``), shared by every view and model.
+    pixels = torch.from_numpy(regions.read(size, progress=progress))
+    module = PooledEncoder(encoder.net, d4_average=settings.d4_average).eval().to(device)
+    mean = torch.tensor(encoder.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(encoder.std, device=device).view(1, 3, 1, 1)
+    records: dict[str, dict[str, dict[str, float]]] = {"angles": {}, "shifts": {}}
+    reference = None
+    bar.set_postfix_str(encoder.label)
+    with torch.inference_mode():
+        for group, key, angle, shift in _views(settings):
+            features = _embed(module, pixels, angle=angle, shift=shift, tile_size=size,
+                              mean=mean, std=std, batch_size=settings.batch_size,
+                              device=device)
+            if reference is None:
+                reference = features  # the 0-degree view comes first
+            else:
+                records[group][key] = _compare(reference, features, settings.k)
+            bar.update()
+    return {**records, "seconds": round(time.perf_counter() - started, 3)}
+
+
+def rotation_report(
+    models: ModelSource | Sequence[ModelSource] = DEFAULT_MODEL,
+    slides: str | Path | Sequence[str | Path] | Regions = (),
+    *,
+    angles: Sequence[float] | None = None,
+    shifts: Sequence[int] = DEFAULT_SHIFTS,
+    k: int = DEFAULT_K,
+    d4_average: bool = False,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    device: str | torch.device = "cpu",
+    target_mpp: float = DEFAULT_MPP,
+    n_regions: int = DEFAULT_REGIONS,
+    region_stride: float = DEFAULT_REGION_STRIDE,
+    slide_mpp: float | None = None,
+    tissue_mask: str = "morphological",
+    min_tissue: float = DEFAULT_MIN_TISSUE,
+    seed: int = 0,
+    model_kwargs: Mapping[str, Any] | None = None,
+    progress: bool = True,
+    out_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Measure how stable each model's pooled features are under rotation and translation.
+
+    Args:
+        models: one or more registered timm names (random weights drawn under ``seed``; the
+            report warns), checkpoint paths (``models.save_checkpoint``), or built
+            ``(model, ModelInfo)`` pairs. All are measured on the same regions.
+        slides: slide files, folders, globs or ``.txt``/``.csv`` lists, or :class:`Regions`
+            from :func:`~.regions.sample_regions` (then ``target_mpp``, ``n_regions``,
+            ``slide_mpp``, ``tissue_mask`` and ``min_tissue`` are the regions' own).
+        angles: degrees (counter-clockwise); default ``0, 15, ..., 345``. 0, the reference,
+            is always measured.
+        shifts: sub-patch translations in pixels, each ``< T / 2``; ``()`` for none.
+        k: mutual-kNN neighbourhood, smaller than the number of regions found.
+        d4_average: average each view's features over its 8 rotations/flips
+            (:class:`~equivit_plugin.models.PooledEncoder`; 8x the cost).
+        batch_size: views per forward pass.
+        device: where the models run (``"cpu"``, ``"cuda"``...).
+        target_mpp: resolution regions are read at, micrometres per pixel.
+        n_regions: regions wanted (spread over the slides).
+        region_stride: step between candidate regions, in tile sizes (``2``: disjoint).
+        slide_mpp: resolution of slides without metadata.
+        tissue_mask: ``"morphological"``, ``"otsu"`` or ``"none"``.
+        min_tissue: tissue fraction a region needs.
+        seed: which regions are drawn, and the random weights of registered names.
+        model_kwargs: more :func:`~equivit_plugin.models.load_model` arguments for every
+            model (``{"img_size": 112}``...).
+        progress: tqdm bars (regions, then one step per model and view).
+        out_dir: write ``rotation_report.json`` and ``rotation_report.png`` there.
+
+    Returns:
+        The JSON-able report: the protocol (``k``, ``angles``, ``shifts``, ``target_mpp``,
+        ``tile_sizes``, ``n_regions``, ``slides``, ``seed``, ``d4_average``...), ``version``,
+        ``date``, ``warnings`` and ``models``, one record per model with ``angles``
+        (``{"15": {"mutual_knn", "mean_cosine"}, ...}``, every angle but 0), ``shifts``
+        (``{"4": ..., "4+rot90": ...}``) and ``summary`` (:func:`summarise`). See
+        ``docs/rotation_report.md``.
+
+    Raises:
+        RotationReportError: bad arguments, a missing or unreadable slide, an unknown model,
+            no tissue, or fewer than ``k + 1`` regions; ``.argument`` names the argument.
+        SlideError: a slide fails while its regions are read.
+    """
+    settings = ReportSettings(
+        angles=angles, shifts=shifts, k=k, n_regions=n_regions, region_stride=region_stride,
+        target_mpp=target_mpp,
+        slide_mpp=slide_mpp, tissue_mask=tissue_mask, min_tissue=min_tissue,
+        batch_size=batch_size, seed=seed, d4_average=d4_average)
+    torch_device = _device(device)
+    if not isinstance(slides, Regions):
+        try:
+            paths = resolve_slides(slides)
+        except ValueError as error:
+            raise RotationReportError(f"slides= {error}", "slides") from error
+        missing = [str(path) for path in paths if not path.is_file()]
+        if missing:
+            raise RotationReportError(f"slides= {missing[0]}: no such file", "slides")
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise RotationReportError(f"out_dir={str(out)!r}: cannot write there ({error})",
+                                      "out_dir") from error
+
+    encoders = _encoders(models, settings.seed, dict(model_kwargs or {}))
+    for encoder in encoders:
+        too_far = [s for s in settings.shifts if 2 * s >= encoder.tile_size]
+        if too_far:
+            raise RotationReportError(
+                f"shifts= {too_far[0]} px must be smaller than half the tile size "
+                f"({encoder.tile_size} / 2) of {encoder.label}", "shifts")
+    largest = max(encoder.tile_size for encoder in encoders)
+    if isinstance(slides, Regions):
+        regions = slides
+        if largest > regions.tile_size:
+            raise RotationReportError(
+                f"slides= the regions were sampled for tiles of {regions.tile_size} px, but "
+                f"a model takes {largest} px: sample them with tile_size={largest}", "slides")
+    else:
+        regions = sample_regions(paths, tile_size=largest, target_mpp=settings.target_mpp,
+                                 n_regions=settings.n_regions, min_tissue=settings.min_tissue,
+                                 region_stride=settings.region_stride,
+                                 tissue_mask=settings.tissue_mask, seed=settings.seed,
+                                 slide_mpp=settings.slide_mpp, progress=progress)
+    if len(regions) <= settings.k:
+        names = ", ".join(path.name for path in regions.slides)
+        raise RotationReportError(
+            f"k={settings.k} needs at least {settings.k + 1} regions, but only {len(regions)} "
+            f"tissue regions of {2 * largest} px were found in {names}; lower k=, give more "
+            f"slides or a lower min_tissue=", "k")
+
+    notes = []
+    if len(regions) < regions.requested:
+        notes.append(f"{regions.requested} regions were asked for, the slides hold "
+                     f"{len(regions)}")
+    for encoder in encoders:
+        if encoder.info.random_weights:
+            notes.append(_random_weights_note(encoder, settings.seed))
+            warnings.warn(_random_weights_note(encoder, settings.seed), RandomWeightsWarning,
+                          stacklevel=2)
+
+    views = _views(settings)
+    records = []
+    with tqdm(total=len(encoders) * len(views), desc="rotation report", unit="view",
+              disable=not progress) as bar:
+        for encoder in encoders:
+            measured = _measure(encoder, regions, settings, torch_device, bar, progress)
+            info = encoder.info
+            records.append({
+                "label": encoder.label, "source": encoder.source, "name": info.name,
+                "random_weights": bool(info.random_weights),
+                "checkpoint_sha256": info.checkpoint_sha256 or None,
+                "tile_size": encoder.tile_size, "embed_dim": int(info.embed_dim),
+                "data_config": encoder.data_config, "seconds": measured["seconds"],
+                "angles": measured["angles"], "shifts": measured["shifts"],
+                "summary": summarise(measured["angles"], measured["shifts"]),
+            })
+
+    described = regions.describe()
+    report: dict[str, Any] = {
+        "version": __version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "reference": REFERENCES,
+        "k": settings.k,
+        "angles": [float(a) for a in settings.angles],
+        "shifts": list(settings.shifts),
+        "target_mpp": regions.target_mpp,
+        "tile_sizes": {e.label: e.tile_size for e in encoders},
+        "region_sizes": {e.label: 2 * e.tile_size for e in encoders},
+        "n_regions": len(regions),
+        "n_regions_requested": regions.requested,
+        "region_stride": settings.region_stride,
+        "seed": settings.seed,
+        "d4_average": settings.d4_average,
+        "tissue_mask": settings.tissue_mask,
+        "min_tissue": settings.min_tissue,
+        "slides": described["slides"],
+        "regions": described["regions"],
+        "models": records,
+        "warnings": notes,
+    }
+    if out is not None:
+        report["files"] = {"json": str(out / REPORT_JSON), "png": str(out / REPORT_PNG)}
+        plot_rotation_report(report, out / REPORT_PNG)
+        atomic_write_json(report, out / REPORT_JSON)
+    return report
+
