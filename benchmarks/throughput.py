@@ -4,7 +4,9 @@ Measured side by side in one run, for every size in ``--sizes``:
 
 * whole models: inference (``eval``, ``torch.inference_mode``) and one training step (forward,
   cross-entropy, backward, AdamW step), in images/s, for timm ViT (``vit_*``), Equi-ViT
-  (``equivit_*``: GMR stem run as one composed 16x16 convolution), ConvViT (``convvit_*``) and
+  (``equivit_*``: GMR stem run as one composed 16x16 convolution), the off-grid-robust
+  invariant variants (``equivit_rid_*``: distance attention bias; ``equivit_ric_*``: conv stem,
+  distance bias, one block fewer), ConvViT (``convvit_*``) and
   "Equi-ViT, per-patch": the same Equi-ViT (same weights) whose ``patch_embed.proj`` is wrapped
   in :class:`~equivit_plugin.layers.reference.PerPatchProjection`, the published formulation
   (every 16x16 patch run through the 6x6 then 11x11 valid convolutions).
@@ -85,6 +87,8 @@ NUM_CLASSES = 1000
 MODELS = {
     "vit": "timm ViT",
     "equivit": "Equi-ViT",
+    "equivit_rid": "Equi-ViT-RID (distance attention bias)",
+    "equivit_ric": "Equi-ViT-RIC (conv stem, distance bias, 1 block fewer)",
     "convvit": "ConvViT",
     "perpatch": "Equi-ViT, per-patch embed",
 }
@@ -96,6 +100,7 @@ EMBEDS = {
 
 TARGET_INFER = 0.95  # Equi-ViT inference >= 0.95x timm ViT
 TARGET_TRAIN = 0.90  # Equi-ViT training step >= 0.90x timm ViT
+TARGET_ROBUST = 0.90  # the off-grid-robust invariant variants >= 0.90x timm ViT
 TARGET_EMBED = 5.0  # composed embedding >= 5x the per-patch formulation
 COSINE_MIN = 0.999  # reduced precision (bf16/fp16) against CPU float32
 FP32_MAX_ABS = 1e-3  # float32 against CPU float32
@@ -555,6 +560,9 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         for name, value, target in (
             ("Equi-ViT inference / timm ViT", model_ratio["inference"]["equivit"], TARGET_INFER),
             ("Equi-ViT train step / timm ViT", model_ratio["train"]["equivit"], TARGET_TRAIN),
+            *((f"{MODELS[kind].split(' (')[0]} {mode} / timm ViT", model_ratio[mode][kind],
+               TARGET_ROBUST) for kind in ("equivit_rid", "equivit_ric")
+              for mode in ("inference", "train")),
             ("GMR embedding inference / per-patch", embed_ratio["inference"]["composed"],
              TARGET_EMBED),
             ("GMR embedding train / per-patch", embed_ratio["train"]["composed"], TARGET_EMBED),
