@@ -9,10 +9,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 
-from ..models import ModelInfo, ModelLoadError, PooledEncoder, is_checkpoint_path, load_model
+from ..models import (
+    ModelInfo,
+    ModelLoadError,
+    PooledEncoder,
+    is_checkpoint_path,
+    load_model,
+    unknown_source_reason,
+)
 from .config import DEFAULT_MODEL, ExtractionConfigError
 
 __all__ = ["RandomWeightsWarning", "build_encoder", "warn_random_weights"]
@@ -24,10 +30,9 @@ class RandomWeightsWarning(UserWarning):
 
 def _load(model: str | Path, patch_size: int, model_kwargs: Mapping[str, Any],
           seed: int) -> tuple[torch.nn.Module, ModelInfo]:
-    if not is_checkpoint_path(model) and not timm.is_model(str(model)):
-        raise ExtractionConfigError(
-            f"model={str(model)!r} is neither a registered timm model (e.g. {DEFAULT_MODEL}, "
-            f"vit_small_patch16_224) nor an existing checkpoint file", "model")
+    reason = unknown_source_reason(model)
+    if reason is not None:
+        raise ExtractionConfigError(f"model={reason}", "model")
     try:
         if is_checkpoint_path(model):
             net, info = load_model(model, **model_kwargs)

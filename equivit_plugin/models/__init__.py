@@ -20,7 +20,8 @@ _LAZY_NAMES = {
     "DEPTH_CHANGE": "equivit", "EMBED_LAYERS": "equivit", "MODEL_SIZES": "equivit",
     "VARIANTS": "equivit", "EquiVisionTransformer": "equivit",
     "model_config": "equivit", "model_name": "equivit",
-    "ModelInfo": "factory", "ModelLoadError": "factory", "create_model": "factory",
+    "HUB_PREFIXES": "factory", "ModelInfo": "factory", "ModelLoadError": "factory",
+    "create_model": "factory", "is_hub_name": "factory", "unknown_source_reason": "factory",
     "load_model": "factory",
     "IMAGENET_MEAN": "preprocessing", "IMAGENET_STD": "preprocessing",
     "normalise_batch": "preprocessing", "normalise_tile": "preprocessing",
@@ -31,6 +32,7 @@ __all__ = [
     "CHECKPOINT_FORMAT_VERSION",
     "DEPTH_CHANGE",
     "EMBED_LAYERS",
+    "HUB_PREFIXES",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "MODEL_SIZES",
@@ -44,6 +46,7 @@ __all__ = [
     "create_model",
     "file_sha256",
     "is_checkpoint_path",
+    "is_hub_name",
     "load_checkpoint",
     "load_model",
     "load_vit_weights",
@@ -53,6 +56,7 @@ __all__ = [
     "normalise_tile",
     "pooled_embedding",
     "save_checkpoint",
+    "unknown_source_reason",
 ]
 
 if TYPE_CHECKING:
@@ -74,7 +78,15 @@ if TYPE_CHECKING:
         model_config,
         model_name,
     )
-    from .factory import ModelInfo, ModelLoadError, create_model, load_model
+    from .factory import (
+        HUB_PREFIXES,
+        ModelInfo,
+        ModelLoadError,
+        create_model,
+        is_hub_name,
+        load_model,
+        unknown_source_reason,
+    )
     from .preprocessing import IMAGENET_MEAN, IMAGENET_STD, normalise_batch, normalise_tile
     from .weights import LoadReport, load_vit_weights
 

@@ -1,7 +1,9 @@
 """The one place that builds and loads models, for every door.
 
 A *source* is a registered timm name (``equivit_ri_small_patch16_224``, ``vit_small_patch16_224``
-...: random weights) or a self-describing checkpoint (:func:`~.checkpoint.save_checkpoint`). In
+...: random weights), a Hugging Face Hub name (``hf-hub:owner/model``: timm downloads the
+pretrained weights, so it needs internet) or a self-describing checkpoint
+(:func:`~.checkpoint.save_checkpoint`). In
 goes a source, out come the model and a :class:`ModelInfo` that describes it: class names
 checked against the head, input size, whether the weights are random, the checkpoint's hash.
 The MONAI door (``create_network``), the TIAToolbox door (``EquiViT*.create``), the bundle
@@ -26,7 +28,26 @@ from torch import nn
 from . import registry  # noqa: F401  (the Equi-ViT family in timm's registry)
 from .checkpoint import check_class_names, file_sha256, is_checkpoint_path, load_checkpoint
 
-__all__ = ["ModelInfo", "ModelLoadError", "create_model", "load_model"]
+__all__ = ["HUB_PREFIXES", "ModelInfo", "ModelLoadError", "create_model", "is_hub_name",
+           "load_model", "unknown_source_reason"]
+
+HUB_PREFIXES = ("hf-hub:", "hf_hub:")
+"""timm's prefixes of a Hugging Face Hub model (``hf-hub:MahmoodLab/UNI``...)."""
+
+
+def is_hub_name(source: str | os.PathLike) -> bool:
+    """Whether ``source`` names a model on the Hugging Face Hub (``hf-hub:owner/name``)."""
+    return not isinstance(source, os.PathLike) and str(source).startswith(HUB_PREFIXES)
+
+
+def unknown_source_reason(source: str | os.PathLike) -> str | None:
+    """Why ``source`` cannot be a model source (``None`` when it can): for the one-line error
+    of a ``--model`` argument, before anything is built."""
+    if is_checkpoint_path(source) or is_hub_name(source) or timm.is_model(str(source)):
+        return None
+    return (f"{str(source)!r} is neither a registered timm model (e.g. "
+            f"equivit_ric_small_patch16_224, vit_small_patch16_224), a Hugging Face Hub name "
+            f"(hf-hub:owner/model) nor an existing checkpoint file")
 
 
 class ModelLoadError(ValueError):
@@ -83,9 +104,21 @@ def create_model(name: str, num_classes: int = 0, *, img_size: int = 224, in_cha
     Shapes:
         ``(B, in_chans, img_size, img_size) -> (B, num_classes)`` (``(B, D)`` for ``K = 0``).
 
+    A Hub name (``hf-hub:owner/model``) is created with ``pretrained=True``: its weights are the
+    point of naming it.
+
     Raises:
-        ModelLoadError: ``name`` is not registered.
+        ModelLoadError: ``name`` is not registered, or a Hub model cannot be downloaded.
     """
+    if is_hub_name(name):
+        try:
+            return timm.create_model(name, pretrained=True, num_classes=num_classes,
+                                     img_size=img_size, in_chans=in_chans, **kwargs)
+        except (OSError, RuntimeError, ValueError) as error:
+            raise ModelLoadError(
+                f"{name}: cannot load it from the Hugging Face Hub ({type(error).__name__}: "
+                f"{error}); without internet, save the model where it is reachable and pass "
+                f"the file (save_checkpoint) instead") from error
     if not timm.is_model(name):
         raise ModelLoadError(f"{name!r} is not a registered timm model (e.g. "
                              f"equivit_ri_small_patch16_224, vit_small_patch16_224)")
@@ -157,7 +190,8 @@ def _from_name(name: str, *, num_classes: int | None, class_names: Sequence[str]
         raise ModelLoadError(f"{name} cannot be built with {kwargs}: {error}") from error
     info = ModelInfo(name=name, source=name, num_classes=head,
                      class_names=tuple(names) if names is not None else None, img_size=size,
-                     embed_dim=_embed_dim(net), random_weights=True, model_kwargs=kwargs)
+                     embed_dim=_embed_dim(net), random_weights=not is_hub_name(name),
+                     model_kwargs=kwargs)
     return net.eval(), info
 
 

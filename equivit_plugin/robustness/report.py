@@ -42,7 +42,14 @@ from ..equivariance.metrics import mutual_knn_similarity
 from ..equivariance.transforms import rotate
 from ..features.encoder import RandomWeightsWarning
 from ..features.slides import resolve_slides
-from ..models import ModelInfo, ModelLoadError, PooledEncoder, is_checkpoint_path, load_model
+from ..models import (
+    ModelInfo,
+    ModelLoadError,
+    PooledEncoder,
+    is_checkpoint_path,
+    load_model,
+    unknown_source_reason,
+)
 from ..utils.atomic import atomic_write_json
 from ..version import __version__
 from .config import (
@@ -142,10 +149,9 @@ def _load(source: ModelSource, seed: int,
                                       "load_model returns it", "models")
         return net.eval(), info, info.source
     text = os.fspath(source)
-    if not is_checkpoint_path(text) and not timm.is_model(text):
-        raise RotationReportError(
-            f"models= {text!r} is neither a registered timm model (e.g. {DEFAULT_MODEL}, "
-            f"vit_small_patch16_224) nor an existing checkpoint file", "models")
+    reason = unknown_source_reason(text)
+    if reason is not None:
+        raise RotationReportError(f"models= {reason}", "models")
     try:
         if is_checkpoint_path(text):
             net, info = load_model(text, **model_kwargs)
