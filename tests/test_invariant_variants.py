@@ -190,7 +190,8 @@ def test_embed_layer_by_name_round_trips_through_a_checkpoint(tmp_path) -> None:
     from equivit_plugin.models import load_model, save_checkpoint
 
     kwargs = {"num_classes": 3, "img_size": 64, "depth": 2, "embed_layer": "gmr_stem",
-              "attn_bias": "distance", "global_pool": "avg"}
+              "embed_kwargs": {"stages": [[4, 2]] * 4}, "attn_bias": "distance",
+              "global_pool": "avg"}
     model = timm.create_model("equivit_ri_tiny_patch16_224", **kwargs).eval()
     path = save_checkpoint(tmp_path / "model.pt", model, "equivit_ri_tiny_patch16_224",
                            class_names=["a", "b", "c"], model_kwargs=kwargs)
@@ -199,6 +200,7 @@ def test_embed_layer_by_name_round_trips_through_a_checkpoint(tmp_path) -> None:
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
     assert isinstance(loaded.patch_embed, GMRConvStemEmbed)
+    assert loaded.patch_embed.proj.stages == ((4, 2),) * 4
     assert info.model_kwargs["attn_bias"] == "distance"
     with pytest.raises(ValueError, match="embed_layer must be one of"):
         timm.create_model("equivit_ri_tiny_patch16_224", embed_layer="gmr-stem")

@@ -6,7 +6,8 @@ module holds the model class and how a member is configured and built.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -71,6 +72,9 @@ class EquiVisionTransformer(VisionTransformer):
             (:class:`~equivit_plugin.layers.RadialPosEmbed`, rotation-invariant) or ``"none"``.
         radial_knot_spacing: knot spacing of the radial table, in patches.
         embed_layer: a patch-embedding class or one of :data:`EMBED_LAYERS`' names.
+        embed_kwargs: more keyword arguments of the patch embedding (JSON-able, so a
+            checkpoint stays self-describing), e.g. ``{"stages": [[4, 2], [4, 2], [4, 2],
+            [4, 2]]}`` for ``"gmr_stem"``.
         attn_bias: ``"none"`` or ``"distance"``
             (:class:`~equivit_plugin.layers.DistanceAttentionBias`: every block's attention
             logits get a learned per-head function of the distance between the two patches,
@@ -85,12 +89,15 @@ class EquiVisionTransformer(VisionTransformer):
 
     def __init__(self, *args: Any, pos_embed: PosEmbedType = "learn",
                  radial_knot_spacing: float = 0.5, attn_bias: AttnBiasType = "none",
-                 embed_layer: str | Callable[..., nn.Module] = "linear", **kwargs: Any) -> None:
+                 embed_layer: str | Callable[..., nn.Module] = "linear",
+                 embed_kwargs: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
         if isinstance(embed_layer, str):
             if embed_layer not in EMBED_LAYERS:
                 raise ValueError(f"embed_layer must be one of {sorted(EMBED_LAYERS)} or a class, "
                                  f"got {embed_layer!r}")
             embed_layer = EMBED_LAYERS[embed_layer]
+        if embed_kwargs:
+            embed_layer = partial(embed_layer, **embed_kwargs)
         if pos_embed not in ("learn", "radial", "none", ""):
             raise ValueError(f"pos_embed must be 'learn', 'radial' or 'none', got {pos_embed!r}")
         if attn_bias not in ("none", "distance"):

@@ -46,7 +46,6 @@ from ..models import (
     ModelInfo,
     ModelLoadError,
     PooledEncoder,
-    is_checkpoint_path,
     load_model,
     unknown_source_reason,
 )
@@ -153,10 +152,7 @@ def _load(source: ModelSource, seed: int,
     if reason is not None:
         raise RotationReportError(f"models= {reason}", "models")
     try:
-        if is_checkpoint_path(text):
-            net, info = load_model(text, **model_kwargs)
-        else:
-            net, info = load_model(text, seed=seed, **model_kwargs)
+        net, info = load_model(text, seed=seed, **model_kwargs)  # seed: names only
     except ModelLoadError as error:
         raise RotationReportError(f"models= {text!r}: {error}", "models") from error
     return net, info, text
