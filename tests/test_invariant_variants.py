@@ -95,14 +95,20 @@ def test_conv_stem_on_a_rectangle_and_the_plain_conv_control() -> None:
 
 
 def test_conv_stem_arguments_are_checked() -> None:
-    assert default_stem_stages(16) == ((6, 4), (4, 2), (4, 2))
-    assert default_stem_stages(8) == ((6, 4), (4, 2))
-    with pytest.raises(ValueError, match="patch_size = 4 \\* 2\\^m"):
+    assert default_stem_stages(16) == ((4, 2),) * 4
+    assert default_stem_stages(8) == ((4, 2),) * 3
+    with pytest.raises(ValueError, match="patch_size = 2\\^m"):
         default_stem_stages(12)
     with pytest.raises(ValueError, match="even kernel_size - stride"):
         ConvStem(3, 8, stages=((3, 2), (4, 2)))
     with pytest.raises(ValueError, match="multiply to 8, but patch_size is 16"):
         GMRConvStemEmbed(patch_size=16, embed_dim=8, stages=((6, 4), (4, 2)))
+    # Other stages stay exactly equivariant too (a stride-4 first stage, then stride 2).
+    embed = GMRConvStemEmbed(img_size=64, patch_size=16, embed_dim=16,
+                             stages=((6, 4), (4, 2), (4, 2))).double()
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    assert (_token_map(embed, torch.rot90(x, 1, (-2, -1)))
+            - torch.rot90(_token_map(embed, x), 1, (-2, -1))).abs().max().item() < 1e-12
     with pytest.raises(ValueError, match="not divisible by patch_size 16"):
         GMRConvStemEmbed(img_size=None, patch_size=16, embed_dim=8,
                          strict_img_size=False)(torch.randn(1, 3, 40, 48))
@@ -221,7 +227,7 @@ def test_registered_variants_through_the_monai_door(variant: str) -> None:
     with torch.no_grad():
         assert torch.allclose(monai_net(x), timm_model.eval()(x), atol=1e-6)
         assert create_network(name, num_classes=3, img_size=64)(x).shape == (2, 3)
-    expected_depth = 11 if variant == "equivit_ric" else 12
+    expected_depth = 10 if variant == "equivit_ric" else 12
     assert len(timm_model.blocks) == expected_depth and timm_model.global_pool == "avg"
 
 
@@ -250,5 +256,8 @@ def test_registered_variants_through_the_tiatoolbox_engine(variant: str,
         direct = encoder.net.forward_head(
             encoder.net.forward_features(normalise_batch(torch.from_numpy(tiles))),
             pre_logits=True)
-    np.testing.assert_allclose(features[0], direct.numpy(), atol=1e-5)
-    np.testing.assert_allclose(features[1], features[0], atol=1e-4)
+    # The engine hands the model an NHWC-strided batch: the stem's convolutions then take
+    # another kernel path, equal to float32 rounding (a few 1e-5 of the feature scale).
+    scale = float(np.abs(direct.numpy()).max())
+    np.testing.assert_allclose(features[0], direct.numpy(), atol=5e-5 * scale)
+    np.testing.assert_allclose(features[1], features[0], atol=5e-5 * scale)

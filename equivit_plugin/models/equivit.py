@@ -57,10 +57,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 """Constructor arguments that make each family member (sizes come from :data:`MODEL_SIZES`)."""
 
-DEPTH_CHANGE: dict[str, int] = {"equivit_ric": -1}
-"""Blocks a variant adds to its size's depth: the convolutional stem pays for itself with one
-transformer block fewer, as in "Early convolutions help transformers see better" (Xiao et al.
-2021)."""
+DEPTH_CHANGE: dict[str, int] = {"equivit_ric": -2}
+"""Blocks a variant adds to its size's depth: the convolutional stem (about ``4700 D^2``
+multiply-adds, two blocks' worth at every width) pays for itself with two transformer blocks
+fewer, as in "Early convolutions help transformers see better" (Xiao et al. 2021)."""
 
 
 class EquiVisionTransformer(VisionTransformer):

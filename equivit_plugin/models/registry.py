@@ -10,9 +10,10 @@ Registered (``timm.create_model(name)`` once ``equivit_plugin`` and timm are imp
   attention bias that depends only on the distance between two patches (which patches are
   neighbours), mean-pooled tokens: still exactly invariant.
 * ``equivit_ric_{tiny,small,base}_patch16_224``: as ``equivit_rid`` with an exactly
-  equivariant convolutional stem (strided GMR convolutions, GroupNorm, GELU) instead of the
-  single stride-16 projection, and one transformer block fewer to pay for it: invariant at
-  90-degree steps and robust off the 90-degree grid and to sub-patch shifts.
+  equivariant convolutional stem (four 4 x 4 stride-2 GMR convolutions, GroupNorm, GELU)
+  instead of the single stride-16 projection, and two transformer blocks fewer to pay for it:
+  invariant at 90-degree steps, and more robust off the 90-degree grid and to sub-patch shifts
+  than ViT at about its cost.
 * ``convvit_{tiny,small,base}_patch16_224``: the same two-layer stem with plain convolutions
   (the paper's "Conv2D ViT" baseline). timm's own ``vit_*`` is the standard ViT.
 
