@@ -261,3 +261,17 @@ def test_registered_variants_through_the_tiatoolbox_engine(variant: str,
     scale = float(np.abs(direct.numpy()).max())
     np.testing.assert_allclose(features[0], direct.numpy(), atol=5e-5 * scale)
     np.testing.assert_allclose(features[1], features[0], atol=5e-5 * scale)
+
+
+def test_the_default_invariant_variant_is_the_default_everywhere() -> None:
+    import json
+
+    from conftest import REPO_ROOT
+
+    from equivit_plugin.features.config import DEFAULT_MODEL
+    from equivit_plugin.models import DEFAULT_INVARIANT_VARIANT, model_name
+
+    train = json.loads((REPO_ROOT / "monai_bundle" / "configs" / "train.json").read_text())
+    assert train["network_name"] == model_name(DEFAULT_INVARIANT_VARIANT, "tiny")
+    assert train["augment"] == "any_angle"
+    assert DEFAULT_MODEL == model_name(DEFAULT_INVARIANT_VARIANT, "small")

@@ -37,8 +37,9 @@ __all__ = [
     "default_workers",
 ]
 
-DEFAULT_MODEL = "equivit_ri_small_patch16_224"
-"""Encoder used when none is given (random weights: a warning says so)."""
+DEFAULT_MODEL = "equivit_ric_small_patch16_224"
+"""Encoder used when none is given (random weights: a warning says so): the package's default
+invariant variant (``equivit_plugin.models.DEFAULT_INVARIANT_VARIANT``) at size small."""
 DEFAULT_MPP = 0.5
 """Target resolution, micrometres per pixel (20x)."""
 DEFAULT_PATCH_SIZE = 224

@@ -17,7 +17,8 @@ _LAZY_NAMES = {
     "file_sha256": "checkpoint", "is_checkpoint_path": "checkpoint",
     "load_checkpoint": "checkpoint", "save_checkpoint": "checkpoint",
     "PooledEncoder": "embedding", "pooled_embedding": "embedding",
-    "DEPTH_CHANGE": "equivit", "EMBED_LAYERS": "equivit", "MODEL_SIZES": "equivit",
+    "DEFAULT_INVARIANT_VARIANT": "equivit", "DEPTH_CHANGE": "equivit",
+    "EMBED_LAYERS": "equivit", "MODEL_SIZES": "equivit",
     "VARIANTS": "equivit", "EquiVisionTransformer": "equivit",
     "model_config": "equivit", "model_name": "equivit",
     "HUB_PREFIXES": "factory", "ModelInfo": "factory", "ModelLoadError": "factory",
@@ -30,6 +31,7 @@ _LAZY_NAMES = {
 
 __all__ = [
     "CHECKPOINT_FORMAT_VERSION",
+    "DEFAULT_INVARIANT_VARIANT",
     "DEPTH_CHANGE",
     "EMBED_LAYERS",
     "HUB_PREFIXES",
@@ -70,6 +72,7 @@ if TYPE_CHECKING:
     )
     from .embedding import PooledEncoder, pooled_embedding
     from .equivit import (
+        DEFAULT_INVARIANT_VARIANT,
         DEPTH_CHANGE,
         EMBED_LAYERS,
         MODEL_SIZES,

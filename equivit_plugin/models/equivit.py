@@ -23,8 +23,9 @@ from ..layers import (
     RadialPosEmbed,
 )
 
-__all__ = ["DEPTH_CHANGE", "EMBED_LAYERS", "MODEL_SIZES", "VARIANTS", "EquiVisionTransformer",
-           "build_family_member", "model_config", "model_name"]
+__all__ = ["DEFAULT_INVARIANT_VARIANT", "DEPTH_CHANGE", "EMBED_LAYERS", "MODEL_SIZES",
+           "VARIANTS", "EquiVisionTransformer", "build_family_member", "model_config",
+           "model_name"]
 
 PosEmbedType = Literal["learn", "radial", "none"]
 AttnBiasType = Literal["none", "distance"]
@@ -56,6 +57,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "vit": {"embed_layer": "linear", "pos_embed": "learn"},
 }
 """Constructor arguments that make each family member (sizes come from :data:`MODEL_SIZES`)."""
+
+DEFAULT_INVARIANT_VARIANT = "equivit_ric"
+"""The exactly invariant variant that kept feature neighbourhoods best off the 90-degree grid
+and under sub-patch shifts at about ViT's cost (``benchmarks/rotation_robustness.py``,
+``docs/invariant_models.md``): the default network of the bundle's ``train.json``, of
+``equivit extract-features`` and the student of distillation."""
 
 DEPTH_CHANGE: dict[str, int] = {"equivit_ric": -2}
 """Blocks a variant adds to its size's depth: the convolutional stem (about ``4700 D^2``
