@@ -81,6 +81,9 @@ CANDIDATES: dict[str, Candidate] = {
         "equivit_ri + conv stem 6/4, 4/2, 4/2 + distance bias, mean-pooled, 11 blocks", RI,
         {"embed_layer": "gmr_stem", "embed_kwargs": {"stages": [[6, 4], [4, 2], [4, 2]]},
          "depth": 11, "global_pool": "avg", "attn_bias": "distance"}),
+    "equivit_ric_nobias_tiny": Candidate(
+        "conv stem 4 x 4/2, mean-pooled, 10 blocks, no distance bias",
+        "equivit_ric_tiny_patch16_224", {"attn_bias": "none"}),
     "equivit_ric_tiny": Candidate(
         "equivit_ric_tiny (conv stem 4 x 4/2 + distance bias, mean-pooled, 10 blocks)",
         "equivit_ric_tiny_patch16_224"),
