@@ -11,15 +11,15 @@ own flags (``--patch-size must be ...``).
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from numbers import Integral
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from ..utils.arguments import checked_integer, checked_positive_float
 from ..utils.precision import canonical_precision
 from .slides import resolve_slides
 
@@ -69,25 +69,14 @@ class ExtractionConfigError(ValueError):
         self.argument = argument
 
 
+# The shared checks (utils.arguments), raising this module's error.
+_integer = partial(checked_integer, error=ExtractionConfigError)
+_positive_float = partial(checked_positive_float, error=ExtractionConfigError)
+
+
 def default_workers() -> int:
     """``DataLoader`` workers when none are given: half the CPUs, at most 4."""
     return min(4, max(0, (os.cpu_count() or 1) // 2))
-
-
-def _integer(name: str, value: Any, minimum: int) -> int:
-    """``value`` as an int ``>= minimum`` (integral floats and numpy integers accepted)."""
-    is_number = isinstance(value, (int, float, Integral)) and not isinstance(value, bool)
-    if not is_number or not math.isfinite(value) or int(value) != value or value < minimum:
-        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise ExtractionConfigError(f"{name}= must be {what}, got {value!r}", name)
-    return int(value)
-
-
-def _positive_float(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) \
-            or not (value > 0 and math.isfinite(value)):
-        raise ExtractionConfigError(f"{name}= must be a positive number, got {value!r}", name)
-    return float(value)
 
 
 def _choice(name: str, value: Any, choices: Sequence[str]) -> str:

@@ -12,10 +12,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from numbers import Integral, Real
+from functools import partial
+from numbers import Real
 from typing import Any
 
 from ..features.config import DEFAULT_MODEL, DEFAULT_MPP, TISSUE_MASKS
+from ..utils.arguments import checked_integer, checked_positive_float
 
 __all__ = [
     "DEFAULT_ANGLE_STEP",
@@ -74,6 +76,11 @@ class RotationReportError(ValueError):
         self.argument = argument
 
 
+# The shared checks (utils.arguments), raising this module's error.
+_integer = partial(checked_integer, error=RotationReportError)
+_positive_float = partial(checked_positive_float, error=RotationReportError)
+
+
 def angle_key(angle: float) -> str:
     """The JSON key of an angle: ``15.0`` -> ``"15"``, ``7.5`` -> ``"7.5"``."""
     return f"{float(angle):g}"
@@ -94,21 +101,6 @@ def angles_from_step(angle_step: Any) -> tuple[float, ...]:
         raise RotationReportError(f"angle_step= must divide 360 (e.g. 5, 10, 15, 30, 45, 90), "
                                   f"got {angle_step!r}", "angle_step")
     return tuple(float(i * angle_step) for i in range(int(round(count))))
-
-
-def _integer(name: str, value: Any, minimum: int) -> int:
-    is_number = isinstance(value, (int, float, Integral)) and not isinstance(value, bool)
-    if not is_number or not math.isfinite(value) or int(value) != value or value < minimum:
-        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise RotationReportError(f"{name}= must be {what}, got {value!r}", name)
-    return int(value)
-
-
-def _positive_float(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) \
-            or not (value > 0 and math.isfinite(value)):
-        raise RotationReportError(f"{name}= must be a positive number, got {value!r}", name)
-    return float(value)
 
 
 def _angles(angles: Sequence[Any] | None) -> tuple[float, ...]:
