@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import throughput  # noqa: E402  (beside this script: the round-robin timing)
 
 from equivit_plugin.bundle.data import datalist, tile_transforms  # noqa: E402
-from equivit_plugin.models import create_model, load_model  # noqa: E402
+from equivit_plugin.models import ModelInfo, create_model, load_model  # noqa: E402
 from equivit_plugin.robustness import rotation_report  # noqa: E402
 
 
@@ -137,9 +137,8 @@ def train(name: str, candidate: Candidate, runs: Path, epochs: int, augment: str
 # --------------------------------------------------------------------------- measuring
 
 
-def accuracy(checkpoint: Path, batch_size: int = 32) -> dict[str, Any]:
+def accuracy(net: torch.nn.Module, info: ModelInfo, batch_size: int = 32) -> dict[str, Any]:
     """Top-1 accuracy on the bundle's validation split (held-out LC25000 groups)."""
-    net, info = load_model(checkpoint)
     items = datalist(str(data_dir() / "lc25000_lung_train"), part="val",
                      class_names=list(info.class_names))
     transform = tile_transforms(info.img_size, augment="none")
@@ -239,14 +238,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             checkpoints[name] = train(name, CANDIDATES[name], args.runs, args.epochs,
                                       args.augment)
+    loaded = {name: load_model(path) for name, path in checkpoints.items()}
     log("accuracy")
-    accuracies = {name: accuracy(path) for name, path in checkpoints.items()}
+    accuracies = {name: accuracy(*loaded[name]) for name in names}
     log("rotation report")
     # (model, info) pairs labelled with the candidate's name (every checkpoint is "model.pt")
-    models = []
-    for name in names:
-        net, info = load_model(checkpoints[name])
-        models.append((net, dataclasses.replace(info, source=name)))
+    models = [(loaded[name][0], dataclasses.replace(loaded[name][1], source=name))
+              for name in names]
     report = rotation_report(models, [args.slide],
                              n_regions=args.regions, progress=True,
                              out_dir=args.out / "rotation_robustness_report")

@@ -589,7 +589,6 @@ def tile_transforms(
                         translate_range=(float(max_shift), float(max_shift)),
                         mode="bilinear", padding_mode="reflection"),
             RandFlipd(keys, prob=0.5, spatial_axis=1),
-            EnsureTyped(keys, dtype=torch.float32),
         ]
     return Compose(transforms)
 

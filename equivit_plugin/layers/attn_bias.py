@@ -10,6 +10,7 @@ centre, the bias tells attention which patches are neighbours.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -29,6 +30,22 @@ def pairwise_distances(grid_size: tuple[int, int], device: torch.device | str | 
     rows = torch.arange(h, device=device, dtype=dtype).repeat_interleave(w)
     cols = torch.arange(w, device=device, dtype=dtype).repeat(h)
     return torch.hypot(rows[:, None] - rows[None, :], cols[:, None] - cols[None, :])
+
+
+@functools.lru_cache(maxsize=16)
+def _knot_interpolation(grid_size: tuple[int, int], knot_spacing: float, num_knots: int,
+                        device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lower knot index and fraction towards the next knot of every patch pair.
+
+    Depends only on the grid and the table's shape, so it is built once, not every forward
+    pass. Built outside inference mode: an inference tensor cached here could not be used by
+    a later training step.
+    """
+    with torch.inference_mode(False):
+        position = pairwise_distances(grid_size, device, torch.float64)
+        position = (position / knot_spacing).clamp(max=num_knots - 1)
+        lower = position.floor().long().clamp(max=num_knots - 2)
+        return lower, position - lower
 
 
 class DistanceAttentionBias(nn.Module):
@@ -65,11 +82,12 @@ class DistanceAttentionBias(nn.Module):
 
     def patch_bias(self, grid_size: tuple[int, int]) -> torch.Tensor:
         """``(h, H * W, H * W)`` bias between the patch tokens of a grid."""
-        num_knots = self.weight.shape[1]
-        position = pairwise_distances(grid_size, self.weight.device, torch.float64)
-        position = (position / self.knot_spacing).clamp(max=num_knots - 1)
-        lower = position.floor().long().clamp(max=num_knots - 2)
-        frac = (position - lower).to(self.weight.dtype)
+        # dynamo would trace through the cache (and warn): call the plain function there
+        interpolation = _knot_interpolation.__wrapped__ if torch.compiler.is_compiling() \
+            else _knot_interpolation
+        lower, frac = interpolation(tuple(grid_size), self.knot_spacing, self.weight.shape[1],
+                                    self.weight.device)
+        frac = frac.to(self.weight.dtype)
         return self.weight[:, lower] * (1 - frac) + self.weight[:, lower + 1] * frac
 
     def forward(self, grid_size: tuple[int, int], num_prefix_tokens: int = 1) -> torch.Tensor:
