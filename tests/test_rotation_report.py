@@ -14,13 +14,13 @@ import timm.data
 import torch
 
 from equivit_plugin.cli import main
+from equivit_plugin.equivariance import region_views
 from equivit_plugin.features import RandomWeightsWarning
 from equivit_plugin.models import load_model
 from equivit_plugin.robustness import (
     REPORT_JSON,
     REPORT_PNG,
     Regions,
-    region_views,
     rotation_report,
     rotation_report_figure,
     sample_regions,

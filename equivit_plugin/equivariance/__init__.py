@@ -19,7 +19,7 @@ from .plots import (
     save_figure,
     similarity_vs_angle_figure,
 )
-from .transforms import D4_NAMES, D4_TRANSFORMS, d4_transform, rotate
+from .transforms import D4_NAMES, D4_TRANSFORMS, d4_transform, region_views, rotate
 
 __all__ = [
     "D4_NAMES",
@@ -34,6 +34,7 @@ __all__ = [
     "plot_accuracy_polar",
     "plot_similarity_vs_angle",
     "prediction_agreement",
+    "region_views",
     "rotate",
     "rotation_sweep",
     "save_figure",

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["D4_NAMES", "D4_TRANSFORMS", "d4_transform", "rotate"]
+__all__ = ["D4_NAMES", "D4_TRANSFORMS", "d4_transform", "region_views", "rotate"]
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -132,3 +132,52 @@ def rotate(images: torch.Tensor, angle_deg: float, padding_mode: str = "reflect"
     grid = grid.expand(x.shape[0], -1, -1, -1)
     out = F.grid_sample(padded, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return out.reshape(*lead, height, width)
+
+
+def region_views(regions: torch.Tensor, angle: float, tile_size: int,
+                 shift: int | tuple[int, int] = 0) -> torch.Tensor:
+    """Rotate regions about their centre and crop ``T x T`` from the middle.
+
+    The view of the rotation report (Elphick et al.: ``2T`` regions, central ``T`` crop) and of
+    distillation's training samples (any angle, a shift that moves the patch grid).
+
+    Args:
+        regions: ``(N, C, S, S)`` float regions (``S = 2T`` in the report); any dtype for
+            multiples of 90 degrees.
+        angle: degrees, counter-clockwise as displayed (:func:`rotate`: multiples of 90 are
+            ``torch.rot90``, exact; other angles bilinear).
+        tile_size: crop side ``T``; ``S - T`` must be even so that the crop is centred.
+        shift: the crop's offset from the centre after the rotation: ``s`` (``s`` px right and
+            ``s`` px down) or ``(dx, dy)`` (``dx`` px right, ``dy`` px down).
+
+    Returns:
+        ``(N, C, T, T)``: ``rotate(regions, angle)[..., y0:y0 + T, x0:x0 + T]`` with
+        ``x0 = (S - T) / 2 + dx`` and ``y0 = (S - T) / 2 + dy``.
+
+    Raises:
+        ValueError: the crop leaves the region, or (off the 90-degree grid) reaches pixels
+            whose bilinear sources lie outside it, i.e. it would read padding.
+    """
+    if regions.dim() != 4 or regions.shape[-1] != regions.shape[-2]:
+        raise ValueError(f"expected (N, C, S, S) regions, got shape {tuple(regions.shape)}")
+    side = regions.shape[-1]
+    if (side - tile_size) % 2:
+        raise ValueError(f"a {tile_size} px crop cannot be centred in a {side} px region "
+                         f"(S - T must be even)")
+    dx, dy = (shift, shift) if isinstance(shift, int) else (int(shift[0]), int(shift[1]))
+    x0, y0 = (side - tile_size) // 2 + dx, (side - tile_size) // 2 + dy
+    if min(x0, y0) < 0 or max(x0, y0) + tile_size > side:
+        raise ValueError(f"a {tile_size} px crop shifted by {shift} px leaves the {side} px "
+                         f"region")
+    if float(angle) % 90.0:
+        # Off the 90-degree grid a crop pixel at distance r from the centre reads source
+        # points at distance r: the crop's farthest corner must stay within (S - 1) / 2 of
+        # the centre for its bilinear sources to lie inside the region.
+        centre = (side - 1) / 2
+        corner = math.hypot(max(abs(x0 - centre), abs(x0 + tile_size - 1 - centre)),
+                            max(abs(y0 - centre), abs(y0 + tile_size - 1 - centre)))
+        if corner > centre + 1e-9:
+            raise ValueError(f"rotating a {side} px region by {angle} degrees would bring "
+                             f"padding into a {tile_size} px crop shifted by {shift} px")
+    turned = rotate(regions, angle)
+    return turned[..., y0:y0 + tile_size, x0:x0 + tile_size]

@@ -87,17 +87,25 @@ class EquiVisionTransformer(VisionTransformer):
             logits get a learned per-head function of the distance between the two patches,
             which keeps rotation invariance exact and tells attention which patches are
             neighbours).
+        feature_dim: width ``F`` of a linear projection applied to the pooled (and
+            ``fc_norm``-ed) token, so that the pooled features - ``forward_head(...,
+            pre_logits=True)``, what every feature extractor reads - are ``F``-dimensional and
+            the classifier head reads ``F`` features (``None``: no projection, ``F = D``).
+            A distilled student uses it to speak its teacher's feature space; a linear map of
+            an invariant vector stays invariant.
         **kwargs: every other ``VisionTransformer`` argument (``embed_layer``, ``embed_dim``...).
 
     Shapes:
         ``forward``: ``(B, C, H, W) -> (B, num_classes)``; ``forward_features``:
-        ``(B, C, H, W) -> (B, num_prefix_tokens + N, D)``.
+        ``(B, C, H, W) -> (B, num_prefix_tokens + N, D)``; ``forward_head(...,
+        pre_logits=True)``: ``-> (B, F)``.
     """
 
     def __init__(self, *args: Any, pos_embed: PosEmbedType = "learn",
                  radial_knot_spacing: float = 0.5, attn_bias: AttnBiasType = "none",
                  embed_layer: str | Callable[..., nn.Module] = "linear",
-                 embed_kwargs: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+                 embed_kwargs: Mapping[str, Any] | None = None,
+                 feature_dim: int | None = None, **kwargs: Any) -> None:
         if isinstance(embed_layer, str):
             if embed_layer not in EMBED_LAYERS:
                 raise ValueError(f"embed_layer must be one of {sorted(EMBED_LAYERS)} or a class, "
@@ -122,6 +130,27 @@ class EquiVisionTransformer(VisionTransformer):
                                   self.patch_embed.grid_size or (14, 14))
             if attn_bias == "distance" else None
         )
+        self.feature_proj: nn.Linear | None = None
+        if feature_dim is not None:
+            if isinstance(feature_dim, bool) or not isinstance(feature_dim, int) \
+                    or feature_dim < 1:
+                raise ValueError(f"feature_dim must be a positive integer or None, got "
+                                 f"{feature_dim!r}")
+            self.feature_proj = nn.Linear(self.embed_dim, feature_dim)
+            self.num_features = self.head_hidden_size = feature_dim
+            self.reset_classifier(self.num_classes)
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        super().reset_classifier(num_classes, global_pool)
+        if getattr(self, "feature_proj", None) is not None and num_classes > 0:
+            self.head = nn.Linear(self.head_hidden_size, num_classes)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.feature_proj is None:
+            return super().forward_head(x, pre_logits)
+        x = self.feature_proj(self.fc_norm(self.pool(x)))
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

@@ -34,13 +34,29 @@ class LoadReport:
         return "\n".join(lines)
 
 
+def _final_norm_renamed(state: dict[str, torch.Tensor],
+                        own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``norm.*`` <-> ``fc_norm.*`` when the source has the final norm under the other name."""
+    renamed = dict(state)
+    for source, target in (("norm.", "fc_norm."), ("fc_norm.", "norm.")):
+        keys = [k for k in state if k.startswith(source)]
+        if keys and not any(k.startswith(source) for k in own) \
+                and not any(k.startswith(target) for k in state) \
+                and all(target + k[len(source):] in own for k in keys):
+            for key in keys:
+                renamed[target + key[len(source):]] = renamed.pop(key)
+    return renamed
+
+
 def load_vit_weights(model: nn.Module, source: str | Path | dict[str, torch.Tensor],
                      skip_prefixes: tuple[str, ...] = ("patch_embed.",)) -> LoadReport:
     """Copy a standard timm ViT's weights into an Equi-ViT, all but the patch embedding.
 
     The learned absolute position embedding is resampled to the model's grid when the sizes
     differ; a model with a radial position embedding skips it; a classifier head of another
-    class count is skipped (the model keeps its freshly initialised head).
+    class count is skipped (the model keeps its freshly initialised head). The final norm goes
+    where the model applies it: a class-token ViT's ``norm`` becomes a mean-pooling model's
+    ``fc_norm`` (timm puts the final norm after pooling when ``global_pool="avg"``) and back.
 
     Args:
         model: an ``EquiVisionTransformer`` (or any timm ViT).
@@ -58,6 +74,7 @@ def load_vit_weights(model: nn.Module, source: str | Path | dict[str, torch.Tens
     else:
         state = dict(source)
     own = model.state_dict()
+    state = _final_norm_renamed(state, own)
     report = LoadReport()
     accepted: dict[str, torch.Tensor] = {}
     for key, value in state.items():

@@ -17,8 +17,8 @@ Modules (the names below load on first use: importing :mod:`.config` costs no to
   :class:`RotationReportError`;
 - :mod:`.regions`: :func:`sample_regions`, tissue regions as level-0 centres, read through
   the feature pipeline at each model's tile size (:class:`Regions`);
-- :mod:`.report`: :func:`region_views` (rotate, then crop the centre) and
-  :func:`rotation_report`, the run;
+- :mod:`.report`: :func:`rotation_report`, the run (its views are
+  :func:`~equivit_plugin.equivariance.region_views`: rotate, then crop the centre);
 - :mod:`.plots`: :func:`rotation_report_figure`, :func:`plot_rotation_report`.
 """
 
@@ -34,7 +34,7 @@ _LAZY_NAMES = {
     "ReportSettings": "config", "RotationReportError": "config",
     "angles_from_step": "config",
     "Regions": "regions", "sample_regions": "regions", "spread_quota": "regions",
-    "region_views": "report", "rotation_report": "report", "summarise": "report",
+    "rotation_report": "report", "summarise": "report",
     "plot_rotation_report": "plots", "rotation_report_figure": "plots",
 }
 
@@ -50,7 +50,6 @@ __all__ = [
     "RotationReportError",
     "angles_from_step",
     "plot_rotation_report",
-    "region_views",
     "rotation_report",
     "rotation_report_figure",
     "sample_regions",
@@ -72,7 +71,7 @@ if TYPE_CHECKING:
     )
     from .plots import plot_rotation_report, rotation_report_figure
     from .regions import Regions, sample_regions, spread_quota
-    from .report import region_views, rotation_report, summarise
+    from .report import rotation_report, summarise
 
 
 __getattr__, __dir__ = lazy_attributes(__name__, _LAZY_NAMES, globals())

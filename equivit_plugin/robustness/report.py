@@ -6,7 +6,8 @@ The protocol of Elphick et al. (arXiv 2412.11938), for any timm encoder:
    target resolution (:mod:`.regions`), the same level-0 centres for every model;
 2. each region is rotated about its centre by ``0, 15, ..., 345`` degrees (counter-clockwise,
    :func:`~equivit_plugin.equivariance.transforms.rotate`: multiples of 90 exact, others
-   bilinear) and its central ``T x T`` crop is taken (:func:`region_views`); the crop never
+   bilinear) and its central ``T x T`` crop is taken
+   (:func:`~equivit_plugin.equivariance.transforms.region_views`); the crop never
    reaches the region's border, so no padding is read;
 3. per angle, the pooled features of the rotated crops are compared with those of the
    unrotated crops: the mutual-kNN similarity (Huh et al. 2024,
@@ -21,7 +22,6 @@ The reference (0 degree) features are computed once per model and reused by ever
 from __future__ import annotations
 
 import datetime
-import math
 import os
 import time
 import warnings
@@ -39,7 +39,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..equivariance.metrics import mutual_knn_similarity
-from ..equivariance.transforms import rotate
+from ..equivariance.transforms import region_views
 from ..features.encoder import RandomWeightsWarning
 from ..features.slides import resolve_slides
 from ..models import (
@@ -69,7 +69,7 @@ from .config import (
 from .plots import plot_rotation_report
 from .regions import Regions, sample_regions
 
-__all__ = ["REFERENCES", "ModelSource", "region_views", "rotation_report", "summarise"]
+__all__ = ["REFERENCES", "ModelSource", "rotation_report", "summarise"]
 
 ModelSource = str | os.PathLike | tuple[nn.Module, ModelInfo]
 """A registered timm name (random weights), a checkpoint path, or a built
@@ -77,51 +77,6 @@ ModelSource = str | os.PathLike | tuple[nn.Module, ModelInfo]
 
 REFERENCES = ("Elphick et al., arXiv 2412.11938 (protocol); Huh et al. 2024, 'The Platonic "
               "Representation Hypothesis' (mutual-kNN similarity)")
-
-
-def region_views(regions: torch.Tensor, angle: float, tile_size: int,
-                 shift: int = 0) -> torch.Tensor:
-    """Rotate regions about their centre and crop ``T x T`` from the middle.
-
-    Args:
-        regions: ``(N, C, S, S)`` float regions (``S = 2T`` in the report); any dtype for
-            multiples of 90 degrees.
-        angle: degrees, counter-clockwise as displayed
-            (:func:`~equivit_plugin.equivariance.transforms.rotate`: multiples of 90 are
-            ``torch.rot90``, exact; other angles bilinear).
-        tile_size: crop side ``T``; ``S - T`` must be even so that the crop is centred.
-        shift: the crop's offset from the centre, ``shift`` px right and ``shift`` px down
-            (after the rotation).
-
-    Returns:
-        ``(N, C, T, T)``: ``rotate(regions, angle)[..., y0:y0 + T, x0:x0 + T]`` with
-        ``y0 = x0 = (S - T) / 2 + shift``.
-
-    Raises:
-        ValueError: the crop leaves the region, or (off the 90-degree grid) reaches pixels
-            whose bilinear sources lie outside it, i.e. it would read padding.
-    """
-    if regions.dim() != 4 or regions.shape[-1] != regions.shape[-2]:
-        raise ValueError(f"expected (N, C, S, S) regions, got shape {tuple(regions.shape)}")
-    side = regions.shape[-1]
-    if (side - tile_size) % 2:
-        raise ValueError(f"a {tile_size} px crop cannot be centred in a {side} px region "
-                         f"(S - T must be even)")
-    start = (side - tile_size) // 2 + shift
-    if start < 0 or start + tile_size > side:
-        raise ValueError(f"a {tile_size} px crop shifted by {shift} px leaves the {side} px "
-                         f"region")
-    if float(angle) % 90.0:
-        # Off the 90-degree grid a crop pixel at distance r from the centre reads source
-        # points at distance r: the crop's farthest corner must stay within (S - 1) / 2 of
-        # the centre for its bilinear sources to lie inside the region.
-        centre = (side - 1) / 2
-        corner = max(abs(start - centre), abs(start + tile_size - 1 - centre))
-        if corner * math.sqrt(2) > centre + 1e-9:
-            raise ValueError(f"rotating a {side} px region by {angle} degrees would bring "
-                             f"padding into a {tile_size} px crop shifted by {shift} px")
-    turned = rotate(regions, angle)
-    return turned[..., start:start + tile_size, start:start + tile_size]
 
 
 @dataclass
