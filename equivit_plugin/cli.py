@@ -8,6 +8,9 @@ Subcommands:
 * ``equivit rotation-report --model NAME SLIDES... --out DIR`` -- how stable each encoder's
   features are when tissue is rotated or shifted
   (:func:`equivit_plugin.robustness.rotation_report`; see ``docs/rotation_report.md``).
+* ``equivit distill --teacher MODEL (--tiles DIR | --slides SLIDES) --out student.pt`` --
+  distil a teacher's features into an exactly rotation-invariant Equi-ViT
+  (:func:`equivit_plugin.distill.distill`; see ``docs/distillation.md``).
 
 Exit codes: 0 all slides ok (done or already complete; the report written), 1 some slides
 failed (listed in the summary; a slide unreadable while the report reads it), 2 usage errors
@@ -28,6 +31,12 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from .distill.config import (
+    DEFAULT_MAX_SHIFT,
+    DEFAULT_STRIDE,
+    DEFAULT_STUDENT,
+)
+from .distill.config import TISSUE_MASKS as DISTILL_TISSUE_MASKS
 from .features.config import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_MODEL,
@@ -341,6 +350,110 @@ def _run_rotation_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_distill(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "distill",
+        help="distil a teacher's features into an exactly rotation-invariant Equi-ViT",
+        description=(
+            "Distil a frozen teacher (a foundation model or any timm ViT: a registered name, "
+            "hf-hub:owner/model or a checkpoint) into an exactly rotation-invariant Equi-ViT "
+            "student. Each tile's target is the teacher's pooled embedding averaged over the 8 "
+            "rotations/flips, computed once and cached; the student learns it from views "
+            "turned by any angle and shifted under the patch grid. The student checkpoint "
+            "gives teacher-space features to extract-features --model, the TIAToolbox adapter "
+            "and the rotation report. Resumable: rerun the same command to continue. Under "
+            "torchrun, one process per GPU (see docs/distillation.md)."),
+        formatter_class=_HelpFormatter)
+    parser.add_argument("--teacher", required=True, metavar="MODEL",
+                        help="registered timm name, hf-hub:owner/model, or a checkpoint")
+    parser.add_argument("--student", default=DEFAULT_STUDENT, metavar="NAME",
+                        help="registered Equi-ViT name of the student")
+    parser.add_argument("--tiles", nargs="+", default=[], metavar="DIR",
+                        help="folders of tile images (searched recursively; labels ignored)")
+    parser.add_argument("--slides", nargs="+", default=[], metavar="SLIDES",
+                        help="slides, folders, globs or .txt/.csv lists; tiles are sampled "
+                             "from their tissue")
+    parser.add_argument("--out", required=True, metavar="FILE",
+                        help="the student checkpoint to write (e.g. student.pt)")
+    parser.add_argument("--work-dir", default=None, metavar="DIR",
+                        help="targets cache, training state, logs, TensorBoard (default: "
+                             "<out stem>.distill/ beside --out)")
+    parser.add_argument("--targets-cache", default=None, metavar="FILE",
+                        help="teacher-target file to use or create (default: in --work-dir, "
+                             "named by the teacher and the tiles)")
+    parser.add_argument("--epochs", type=_positive_int, default=10)
+    parser.add_argument("--batch-size", type=_positive_int, default=64, metavar="N",
+                        help="views per training step")
+    parser.add_argument("--lr", type=_positive_float, default=5e-4, help="peak learning rate")
+    parser.add_argument("--weight-decay", type=_number(float, 0.0, True, "a number >= 0"),
+                        default=0.05)
+    parser.add_argument("--warmup-epochs", type=_natural_int, default=1, metavar="N")
+    parser.add_argument("--cosine-weight", type=_number(float, 0.0, True, "a number >= 0"),
+                        default=1.0, metavar="W", help="weight of the 1 - cosine term")
+    parser.add_argument("--regression-weight",
+                        type=_number(float, 0.0, True, "a number >= 0"), default=1.0,
+                        metavar="W", help="weight of the normalised squared-error term")
+    parser.add_argument("--max-shift", type=_natural_int, default=DEFAULT_MAX_SHIFT,
+                        metavar="PX", help="largest shift of a training view, pixels")
+    parser.add_argument("--no-init-from-teacher", dest="init_from_teacher",
+                        action="store_false",
+                        help="start the student from random weights, not the teacher's blocks")
+    parser.add_argument("--val-fraction", type=_fraction, default=0.05, metavar="F",
+                        help="tiles held out to measure fidelity each epoch")
+    parser.add_argument("--max-tiles", type=_positive_int, default=None, metavar="N",
+                        help="use at most N tiles (a random subset)")
+    parser.add_argument("--mpp", dest="target_mpp", type=_positive_float, default=DEFAULT_MPP,
+                        metavar="MPP", help="resolution of slide tiles (0.5 = 20x)")
+    parser.add_argument("--slide-mpp", type=_positive_float, default=None, metavar="MPP",
+                        help="resolution of slides without resolution metadata")
+    parser.add_argument("--stride", type=_positive_int, default=DEFAULT_STRIDE, metavar="PX",
+                        help="step between slide tiles at --mpp")
+    parser.add_argument("--tissue-mask", choices=DISTILL_TISSUE_MASKS,
+                        default=DISTILL_TISSUE_MASKS[0],
+                        help="TIAToolbox tissue masker, or 'none'")
+    parser.add_argument("--min-tissue", type=_fraction, default=0.5, metavar="F",
+                        help="tissue fraction a slide tile's 2x context needs")
+    parser.add_argument("--workers", dest="num_workers", type=_natural_int, default=4,
+                        metavar="N", help="DataLoader processes")
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda or cuda:N (default: cuda when available; under "
+                             "torchrun: cuda:LOCAL_RANK)")
+    parser.add_argument("--no-resume", dest="resume", action="store_false",
+                        help="start training again even if --work-dir has a training state")
+    parser.add_argument("--seed", type=_natural_int, default=0)
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="no progress bars")
+    parser.set_defaults(handler=_run_distill, parser=parser)
+
+
+def _run_distill(args: argparse.Namespace) -> int:
+    from .distill.config import DistillError, DistillSettings
+
+    parser: argparse.ArgumentParser = args.parser
+    names = ("teacher", "student", "tiles", "slides", "out", "work_dir", "targets_cache",
+             "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "cosine_weight",
+             "regression_weight", "max_shift", "init_from_teacher", "val_fraction",
+             "max_tiles", "target_mpp", "slide_mpp", "stride", "tissue_mask", "min_tissue",
+             "num_workers", "device", "resume", "seed", "progress")
+    try:
+        settings = DistillSettings(**{n: getattr(args, n) for n in names})
+        from .distill.run import distill
+
+        result = distill(settings)
+    except DistillError as error:
+        return _usage_error(parser, cli_message(str(error), _flags(parser)))
+    for key, reason in result.unreadable.items():
+        print(f"warning: left out unreadable tile {key}: {reason}", file=sys.stderr)
+    fidelity = "-" if result.best_fidelity is None else f"{result.best_fidelity:.4f}"
+    print(f"distilled {args.teacher} into {args.student}: {result.n_train} training tiles, "
+          f"{result.n_val} held out (best fidelity, mean cosine to the target: {fidelity}), "
+          f"{result.epochs_run} epoch(s) this run, {result.seconds:.0f} s")
+    print(f"student: {result.out}")
+    print(f"targets: {result.targets_path}")
+    print(f"logs: {result.work_dir}", flush=True)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``equivit`` argument parser with its subcommands."""
     parser = argparse.ArgumentParser(
@@ -348,6 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_extract_features(subparsers)
     _add_rotation_report(subparsers)
+    _add_distill(subparsers)
     return parser
 
 

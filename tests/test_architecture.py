@@ -20,7 +20,7 @@ LAYERS: dict[str, int] = {
     "models": 2,
     "networks": 3, "tiatoolbox": 3,
     "bundle": 4, "features": 4,
-    "robustness": 5,
+    "robustness": 5, "distill": 5,
     "cli": 6,
 }
 """Rank of each top-level module of the package (docs/architecture.md): a module may import

@@ -65,6 +65,7 @@ __all__ = [
     "discover_tiles",
     "is_image_file",
     "split_tiles",
+    "tile_pixels",
     "tile_transforms",
 ]
 
@@ -517,6 +518,34 @@ class _WarnIfResized(MapTransform):
         return d
 
 
+def tile_pixels(img_size: int = 224, keys: Sequence[str] = ("image",),
+                fit: str = "crop") -> Compose:
+    """MONAI pipeline from a datalist item to the tile's pixels at ``img_size``, not normalised.
+
+    The deterministic first half of :func:`tile_transforms` (load, channel first, RGB, fit,
+    resize), for pipelines that normalise for another model (distillation's teacher).
+
+    Returns:
+        ``Compose`` mapping ``{"image": path}`` to ``{"image": (3, img_size, img_size)}``
+        float values in ``0..255``.
+
+    Raises:
+        ValueError: ``fit`` is not one of :data:`FITS`.
+    """
+    if fit not in FITS:
+        raise ValueError(f"tile_pixels: fit must be one of {list(FITS)}, got {fit!r}")
+    keys = list(keys)
+    size = int(img_size)
+    return Compose([
+        LoadTiled(keys),
+        EnsureChannelFirstd(keys),
+        EnsureRGBd(keys),
+        _WarnIfResized(keys, size, fit),
+        *([CenterSquareCropd(keys)] if fit == "crop" else []),
+        Resized(keys, spatial_size=(size, size), mode="bilinear", anti_aliasing=True),
+    ])
+
+
 def tile_transforms(
     img_size: int = 224, augment: bool | str = False, keys: Sequence[str] = ("image",),
     fit: str = "crop", max_shift: float = 8.0,
@@ -562,14 +591,8 @@ def tile_transforms(
         raise ValueError(f"tile_transforms: augment must be one of {list(AUGMENTATIONS)} (or a "
                          f"boolean), got {augment!r}")
     keys = list(keys)
-    size = int(img_size)
     transforms = [
-        LoadTiled(keys),
-        EnsureChannelFirstd(keys),
-        EnsureRGBd(keys),
-        _WarnIfResized(keys, size, fit),
-        *([CenterSquareCropd(keys)] if fit == "crop" else []),
-        Resized(keys, spatial_size=(size, size), mode="bilinear", anti_aliasing=True),
+        *tile_pixels(img_size, keys, fit).transforms,
         ScaleIntensityRanged(keys, a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0),
         NormalizeIntensityd(keys, subtrahend=IMAGENET_MEAN, divisor=IMAGENET_STD,
                             channel_wise=True),

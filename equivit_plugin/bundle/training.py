@@ -215,7 +215,7 @@ class BestCheckpointSaver:
         path: output file, e.g. ``models/model.pt``.
         network: the trained network (a ``DistributedDataParallel`` wrapper is unwrapped).
         model_name: timm registry name the network was built from.
-        class_names: label names in logit order.
+        class_names: label names in logit order (``None``: a feature model, no head).
         model_kwargs: :func:`~equivit_plugin.models.create_model` arguments that rebuild the
             architecture
             (``num_classes``, ``img_size`` and any other architecture argument).
@@ -225,20 +225,23 @@ class BestCheckpointSaver:
         check_model_kwargs: do the architecture check described above.
         enabled: ``False`` (non-main ranks of distributed training): keep tracking the best value,
             so the training state is the same on every rank, but write nothing.
+        extra: more entries for the checkpoint (JSON-able: what the model is, where from).
     """
 
     def __init__(self, path: str | os.PathLike, network: nn.Module, model_name: str,
-                 class_names: Sequence[str], model_kwargs: Mapping[str, Any] | None = None,
+                 class_names: Sequence[str] | None, model_kwargs: Mapping[str, Any] | None = None,
                  metric_name: str = "val_acc", mode: str = "max", half: bool = False,
-                 check_model_kwargs: bool = True, enabled: bool = True) -> None:
+                 check_model_kwargs: bool = True, enabled: bool = True,
+                 extra: Mapping[str, Any] | None = None) -> None:
         if mode not in ("max", "min"):
             raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
         self.path = Path(path)
         self.network = network
         self.model_name = str(model_name)
-        self.class_names = [str(n) for n in class_names]
+        self.class_names = None if class_names is None else [str(n) for n in class_names]
         self.model_kwargs = dict(model_kwargs or {})
-        self.model_kwargs.setdefault("num_classes", len(self.class_names))
+        self.model_kwargs.setdefault("num_classes", len(self.class_names or ()))
+        self.extra = dict(extra or {})
         self.metric_name = metric_name
         self.mode = mode
         self.half = bool(half)
@@ -298,7 +301,7 @@ class BestCheckpointSaver:
             self._check_architecture()
             save_checkpoint(self.path, self.network, self.model_name, self.class_names,
                             self.model_kwargs, half=self.half, epoch=epoch,
-                            metrics=_float_metrics(metrics))
+                            metrics=_float_metrics(metrics), **self.extra)
             logger.info("epoch %d: %s=%.4f is the best so far, saved %s", epoch,
                         self.metric_name, value, self.path)
         self.best_metric, self.best_epoch = value, epoch

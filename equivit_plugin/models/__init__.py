@@ -25,7 +25,8 @@ _LAZY_NAMES = {
     "create_model": "factory", "is_hub_name": "factory", "unknown_source_reason": "factory",
     "load_model": "factory",
     "IMAGENET_MEAN": "preprocessing", "IMAGENET_STD": "preprocessing",
-    "normalise_batch": "preprocessing", "normalise_tile": "preprocessing",
+    "input_normalisation": "preprocessing", "normalise_batch": "preprocessing",
+    "normalise_tile": "preprocessing",
     "LoadReport": "weights", "load_vit_weights": "weights",
 }
 
@@ -47,6 +48,7 @@ __all__ = [
     "check_class_names",
     "create_model",
     "file_sha256",
+    "input_normalisation",
     "is_checkpoint_path",
     "is_hub_name",
     "load_checkpoint",
@@ -90,7 +92,13 @@ if TYPE_CHECKING:
         load_model,
         unknown_source_reason,
     )
-    from .preprocessing import IMAGENET_MEAN, IMAGENET_STD, normalise_batch, normalise_tile
+    from .preprocessing import (
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        input_normalisation,
+        normalise_batch,
+        normalise_tile,
+    )
     from .weights import LoadReport, load_vit_weights
 
 

@@ -10,12 +10,17 @@ bundle's transforms use the same mean and std.
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
+import timm.data
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch import nn
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "normalise_batch", "normalise_tile"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "input_normalisation", "normalise_batch",
+           "normalise_tile"]
 
 IMAGENET_MEAN: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_MEAN)
 IMAGENET_STD: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_STD)
@@ -57,3 +62,29 @@ def normalise_batch(batch: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"expected a (B, H, W, 3) batch, got shape {tuple(batch.shape)}")
     scale, shift = _affine(batch.device)
     return batch.permute(0, 3, 1, 2).to(torch.float32).mul_(scale).sub_(shift)
+
+
+def input_normalisation(net: nn.Module, checkpoint_extra: Mapping[str, Any] | None = None,
+                        from_checkpoint: bool = False
+                        ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` a model's ``[0, 1]`` RGB inputs are normalised with.
+
+    A checkpoint of this package was trained on inputs normalised with the ImageNet mean and
+    std (the bundle, distillation and the feature pipeline all use them) unless it names its own
+    (``"mean"``/``"std"`` entries); a model built by name (or from the Hub) expects what its
+    timm pretrained config says - e.g. 0.5/0.5 for timm's ViTs - which is not what the bundle
+    trained a ``vit_*`` checkpoint with.
+
+    Args:
+        net: the model.
+        checkpoint_extra: the checkpoint's other entries (``ModelInfo.extra``).
+        from_checkpoint: whether ``net`` was loaded from a checkpoint of this package.
+    """
+    extra = checkpoint_extra or {}
+    if from_checkpoint:
+        mean = extra.get("mean", IMAGENET_MEAN)
+        std = extra.get("std", IMAGENET_STD)
+    else:
+        config = timm.data.resolve_data_config({}, model=net)
+        mean, std = config["mean"], config["std"]
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)

@@ -46,6 +46,7 @@ from ..models import (
     ModelInfo,
     ModelLoadError,
     PooledEncoder,
+    input_normalisation,
     load_model,
     unknown_source_reason,
 )
@@ -115,7 +116,8 @@ def _load(source: ModelSource, seed: int,
 
 def _encoders(models: ModelSource | Sequence[ModelSource], seed: int,
               model_kwargs: Mapping[str, Any]) -> list[_Encoder]:
-    """Load every model, label it uniquely and read its preprocessing from timm."""
+    """Load every model, label it uniquely and read its preprocessing (timm, and for checkpoints
+    of this package the mean and std they were trained with)."""
     single = isinstance(models, (str, os.PathLike)) or (
         isinstance(models, tuple) and len(models) == 2 and isinstance(models[0], nn.Module))
     sources = [models] if single else list(models)
@@ -129,6 +131,8 @@ def _encoders(models: ModelSource | Sequence[ModelSource], seed: int,
         while label in {e.label for e in encoders}:
             label, copy = f"{base} ({copy})", copy + 1
         config = dict(timm.data.resolve_data_config({}, model=net))
+        config["mean"], config["std"] = input_normalisation(net, info.extra,
+                                                            bool(info.checkpoint))
         size = int(info.img_size)
         # timm's pretrained_cfg keeps the registered input size (224) for a model built with
         # img_size=112: the size the model was built for is ModelInfo's.

@@ -1,0 +1,351 @@
+"""A distillation run: teacher targets, then the student trained with MONAI's engines.
+
+``equivit distill`` and the bundle's ``configs/distill.json`` both call :func:`distill`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ignite.engine import Events
+from ignite.handlers import ProgressBar
+from ignite.metrics import Average
+from monai.data import DistributedSampler
+from monai.engines import SupervisedEvaluator, SupervisedTrainer
+from monai.handlers import (
+    CheckpointLoader,
+    LrScheduleHandler,
+    StatsHandler,
+    TensorBoardStatsHandler,
+    ValidationHandler,
+    from_engine,
+)
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..bundle.training import (
+    BestCheckpointSaver,
+    MetricsJSONWriter,
+    TrainingStateSaver,
+    adamw_param_groups,
+    warmup_cosine_schedule,
+)
+from ..features.config import ExtractionConfigError
+from ..features.distributed import Ranks, process_group, ranks_from_env, resolve_device
+from ..features.encoder import RandomWeightsWarning
+from ..models import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ModelInfo,
+    ModelLoadError,
+    input_normalisation,
+    load_model,
+    unknown_source_reason,
+)
+from ..utils.atomic import atomic_write_json
+from ..version import __version__
+from .config import DistillError, DistillSettings
+from .loss import DistillationLoss, feature_cosine
+from .student import build_student
+from .targets import (
+    Targets,
+    default_targets_path,
+    targets_fingerprint,
+    teacher_identity,
+    teacher_targets,
+)
+from .tiles import DistillTiles, collect_tiles
+from .views import DistillationViews
+
+__all__ = ["DistillResult", "distill"]
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "checkpoint_last.pt"
+METRICS_FILE = "distill_metrics.json"
+SUMMARY_FILE = "distill_summary.json"
+
+
+@dataclass(frozen=True)
+class DistillResult:
+    """What a run produced.
+
+    Attributes:
+        out: the student checkpoint (best fidelity on the held-out tiles).
+        work_dir: targets, training state, metrics JSON, TensorBoard logs.
+        targets_path: the teacher-target cache.
+        n_train, n_val: tiles trained on and held out.
+        unreadable: ``{tile key: reason}`` of tiles left out.
+        best_fidelity: best mean cosine between student features of held-out views and
+            their targets (``None`` without held-out tiles).
+        epochs_run: epochs trained by this call (0 when a finished run was found).
+        seconds: wall time of this call.
+    """
+
+    out: Path
+    work_dir: Path
+    targets_path: Path
+    n_train: int
+    n_val: int
+    unreadable: dict[str, str]
+    best_fidelity: float | None
+    epochs_run: int
+    seconds: float
+
+
+def _load_teacher(settings: DistillSettings) -> tuple[nn.Module, ModelInfo]:
+    reason = unknown_source_reason(settings.teacher)
+    if reason is not None:
+        raise DistillError(f"teacher= {reason}", "teacher")
+    try:
+        teacher, info = load_model(settings.teacher, seed=settings.seed)
+    except ModelLoadError as error:
+        raise DistillError(f"teacher= {error}", "teacher") from error
+    if info.random_weights:
+        warnings.warn(f"teacher={info.name!r}: no checkpoint given, the teacher's weights are "
+                      f"RANDOM (seed {settings.seed}); distil from a trained checkpoint for "
+                      f"useful features", RandomWeightsWarning, stacklevel=3)
+    if info.img_size % 2:
+        raise DistillError(f"teacher= takes {info.img_size} px inputs; views are centred crops "
+                           f"and need an even size", "teacher")
+    for parameter in teacher.parameters():
+        parameter.requires_grad_(False)
+    return teacher.eval(), info
+
+
+def _split(readable: np.ndarray, val_fraction: float, seed: int,
+           max_tiles: int | None) -> tuple[np.ndarray, np.ndarray]:
+    usable = np.flatnonzero(readable)
+    rng = np.random.default_rng(seed)
+    usable = rng.permutation(usable)
+    if max_tiles is not None:
+        usable = usable[:max_tiles]
+    n_val = int(round(val_fraction * len(usable)))
+    if val_fraction > 0 and len(usable) >= 2:
+        n_val = max(1, n_val)
+    if len(usable) - n_val < 1:
+        raise DistillError(f"tiles= only {len(usable)} readable tile(s): nothing left to train "
+                           f"on after holding out {n_val}", "tiles")
+    return np.sort(usable[n_val:]), np.sort(usable[:n_val])
+
+
+def _finished_epochs(state_path: Path) -> int:
+    if not state_path.is_file():
+        return 0
+    state = torch.load(state_path, map_location="cpu", weights_only=False)
+    return int(state.get("trainer", {}).get("epoch", 0))
+
+
+def _loader(dataset: DistillationViews, settings: DistillSettings, ranks: Ranks, *,
+            train: bool, device: torch.device) -> DataLoader:
+    sampler = None
+    if ranks.world_size > 1:
+        sampler = DistributedSampler(dataset, even_divisible=train, shuffle=train,
+                                     num_replicas=ranks.world_size, rank=ranks.rank,
+                                     seed=settings.seed)
+    return DataLoader(dataset, batch_size=settings.batch_size,
+                      shuffle=train and sampler is None, sampler=sampler,
+                      num_workers=settings.num_workers, drop_last=False,
+                      pin_memory=device.type == "cuda",
+                      persistent_workers=settings.num_workers > 0)
+
+
+def _cosine_output(output: Any) -> torch.Tensor:
+    """Engine output -> ``(B, 1)`` cosines, which ignite's ``Average`` averages per sample."""
+    pred, label = from_engine(["pred", "label"])(output)
+    pred = torch.stack(pred) if isinstance(pred, list) else pred
+    label = torch.stack(label) if isinstance(label, list) else label
+    return feature_cosine(pred.detach(), label).unsqueeze(1)
+
+
+def distill(settings: DistillSettings | None = None, **kwargs: Any) -> DistillResult:
+    """Distil a frozen teacher into an exactly rotation-invariant student.
+
+    1. The teacher (a timm name, ``hf-hub:`` name or checkpoint) is loaded and frozen.
+    2. Tiles are found in folders and/or sampled from slides' tissue
+       (:func:`~equivit_plugin.distill.collect_tiles`).
+    3. Each tile's target, the mean of the teacher's pooled embedding over the 8
+       rotations/flips, is computed once into an HDF5 cache (resumable, shared by students).
+    4. The student (:func:`~equivit_plugin.distill.build_student`: blocks from the teacher
+       where shapes match, a projection when widths differ) is trained with MONAI's
+       ``SupervisedTrainer`` on views turned by any angle and shifted by up to ``max_shift`` px
+       (:class:`~equivit_plugin.distill.DistillationViews`) to reproduce the targets
+       (:class:`~equivit_plugin.distill.DistillationLoss`), AdamW with warm-up and cosine
+       decay. Every epoch a ``SupervisedEvaluator`` measures fidelity (mean cosine to the
+       target) on held-out tiles, each at a fixed random view, and the best student is written
+       to ``out`` (self-describing, atomic); the full training state goes to ``work_dir``
+       every epoch, and a rerun continues from it.
+
+    Under ``torchrun`` each rank computes a share of the targets and trains on a share of the
+    tiles (``DistributedDataParallel``, NCCL on CUDA, gloo on CPU); rank 0 writes the files.
+
+    Args:
+        settings: a :class:`~equivit_plugin.distill.DistillSettings`, or its fields as keyword
+            arguments.
+
+    Returns:
+        A :class:`DistillResult`.
+
+    Raises:
+        DistillError: a bad argument or input (``.argument`` names it).
+    """
+    start = time.perf_counter()
+    if settings is None:
+        settings = DistillSettings(**kwargs)
+    elif kwargs:
+        settings = dataclasses.replace(settings, **kwargs)
+    ranks = ranks_from_env()
+    try:
+        device = resolve_device(settings.device or ("cuda" if torch.cuda.is_available()
+                                                    else "cpu"), ranks)
+    except ExtractionConfigError as error:
+        raise DistillError(str(error), "device") from error
+    amp = device.type == "cuda" if settings.amp is None else bool(settings.amp)
+    main = ranks.rank == 0
+    with process_group(ranks, device):
+        teacher, info = _load_teacher(settings)
+        tiles = collect_tiles(info.img_size, tiles=settings.tiles, slides=settings.slides,
+                              target_mpp=settings.target_mpp, stride=settings.stride,
+                              min_tissue=settings.min_tissue, tissue_mask=settings.tissue_mask,
+                              slide_mpp=settings.slide_mpp, progress=settings.progress and main)
+        fingerprint = targets_fingerprint(info, tiles, settings.seed)
+        targets_path = settings.targets_cache or default_targets_path(settings.work_dir,
+                                                                      fingerprint)
+        teacher_mean, teacher_std = input_normalisation(teacher, info.extra,
+                                                        bool(info.checkpoint))
+        targets = teacher_targets(
+            teacher.to(device), info, tiles, targets_path, fingerprint=fingerprint,
+            mean=teacher_mean, std=teacher_std, batch_size=settings.batch_size_targets,
+            device=device, num_workers=settings.num_workers, amp=amp, ranks=ranks,
+            progress=settings.progress)
+        train_rows, val_rows = _split(targets.readable, settings.val_fraction, settings.seed,
+                                      settings.max_tiles)
+        torch.manual_seed(settings.seed)
+        student, model_kwargs, report = build_student(
+            settings.student, int(info.embed_dim), int(info.img_size),
+            teacher=teacher.cpu() if settings.init_from_teacher else None)
+        del teacher
+        if report is not None:
+            logger.info("student initialised from the teacher: %d tensors loaded",
+                        len(report.loaded))
+        result = _train(settings, ranks, device, amp, main, info, tiles, targets, train_rows,
+                        val_rows, student, model_kwargs)
+    return dataclasses.replace(result, seconds=round(time.perf_counter() - start, 1))
+
+
+def _train(settings: DistillSettings, ranks: Ranks, device: torch.device, amp: bool,
+           main: bool, info: ModelInfo, tiles: DistillTiles, targets: Targets,
+           train_rows: np.ndarray, val_rows: np.ndarray, student: nn.Module,
+           model_kwargs: dict[str, Any]) -> DistillResult:
+    work_dir = settings.work_dir
+    work_dir.mkdir(parents=True, exist_ok=True)
+    state_path = work_dir / STATE_FILE
+    done = _finished_epochs(state_path) if settings.resume else 0
+    views = {"max_shift": settings.max_shift, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+    train_set = DistillationViews(tiles, targets.values, train_rows, **views)
+    val_set = DistillationViews(tiles, targets.values, val_rows, fixed_seed=settings.seed,
+                                **views)
+    train_loader = _loader(train_set, settings, ranks, train=True, device=device)
+    student = student.to(device)
+    network: nn.Module = student
+    if ranks.world_size > 1:
+        network = nn.parallel.DistributedDataParallel(
+            student, device_ids=[device] if device.type == "cuda" else None)
+    scale = float(np.mean(np.square(targets.values[train_rows]))) or 1.0
+    loss = DistillationLoss(settings.cosine_weight, settings.regression_weight, scale)
+    optimizer = torch.optim.AdamW(adamw_param_groups(student, settings.weight_decay),
+                                  lr=settings.lr, weight_decay=settings.weight_decay)
+    steps = len(train_loader)
+    scheduler = warmup_cosine_schedule(optimizer, total_steps=settings.epochs * steps,
+                                       warmup_steps=min(settings.warmup_epochs,
+                                                        settings.epochs) * steps)
+    metric = "val_cosine" if len(val_rows) else "train_cosine"
+    extra = {"distilled_from": teacher_identity(info), "feature_space": "teacher",
+             "targets": "mean over the 8 rotations/flips of the teacher's pooled embedding",
+             "targets_fingerprint": targets.fingerprint, "mean": list(IMAGENET_MEAN),
+             "std": list(IMAGENET_STD), "max_shift": settings.max_shift,
+             "equivit_plugin_version": __version__, **settings.extra}
+    saver = BestCheckpointSaver(settings.out, student, settings.student, None, model_kwargs,
+                                metric_name=metric, mode="max", enabled=main, extra=extra)
+    metrics_writer = MetricsJSONWriter(work_dir / METRICS_FILE, optimizer=optimizer,
+                                       best_metric_name=metric, enabled=main)
+    tensorboard = work_dir / "tensorboard"
+    evaluator = None
+    if len(val_rows):
+        val_handlers: list[Any] = [saver]
+        if main:
+            val_handlers.append(TensorBoardStatsHandler(log_dir=str(tensorboard),
+                                                        iteration_log=False))
+        evaluator = SupervisedEvaluator(
+            device=device, val_data_loader=_loader(val_set, settings, ranks, train=False,
+                                                   device=device),
+            network=student, amp=amp,
+            key_val_metric={metric: Average(output_transform=_cosine_output, device=device)},
+            val_handlers=val_handlers)
+        metrics_writer.validator = evaluator
+    handlers: list[Any] = []
+    if evaluator is not None:
+        handlers.append(ValidationHandler(validator=evaluator, interval=1, epoch_level=True))
+    handlers.append(LrScheduleHandler(lr_scheduler=scheduler, epoch_level=False,
+                                      print_lr=False))
+    if main:
+        handlers += [StatsHandler(name=logger.name, iteration_log=False,
+                                  tag_name="train_loss",
+                                  output_transform=from_engine(["loss"], first=True)),
+                     TensorBoardStatsHandler(log_dir=str(tensorboard), tag_name="train_loss",
+                                             output_transform=from_engine(["loss"],
+                                                                          first=True))]
+    handlers.append(metrics_writer)
+    train_metric = {} if evaluator is not None else {
+        metric: Average(output_transform=_cosine_output, device=device)}
+    trainer = SupervisedTrainer(
+        device=device, max_epochs=settings.epochs, train_data_loader=train_loader,
+        network=network, optimizer=optimizer, loss_function=loss, amp=amp,
+        key_train_metric=train_metric or None, train_handlers=handlers)
+    if evaluator is None:
+        saver.attach(trainer)
+    if main:
+        TrainingStateSaver(state_path, {"network": student, "optimizer": optimizer,
+                                        "lr_scheduler": scheduler, "best": saver,
+                                        "metrics": metrics_writer}).attach(trainer)
+        if settings.progress:
+            ProgressBar(persist=False, desc="distilling").attach(
+                trainer, output_transform=from_engine(["loss"], first=True))
+    epochs_run = 0
+    if done >= settings.epochs and Path(settings.out).is_file():
+        logger.info("%s: all %d epochs were already trained (%s); nothing to do",
+                    settings.out, done, state_path)
+    else:
+        if done:
+            CheckpointLoader(load_path=str(state_path), map_location=device, load_dict={
+                "network": student, "optimizer": optimizer, "lr_scheduler": scheduler,
+                "best": saver, "metrics": metrics_writer, "trainer": trainer}).attach(trainer)
+            logger.info("resuming after epoch %d from %s", done, state_path)
+        if ranks.world_size > 1 and isinstance(train_loader.sampler, DistributedSampler):
+            trainer.add_event_handler(Events.EPOCH_STARTED,
+                                      lambda engine: train_loader.sampler.set_epoch(
+                                          engine.state.epoch))
+        trainer.run()
+        epochs_run = settings.epochs - done
+    best = saver.best_metric if len(val_rows) else None
+    result = DistillResult(out=Path(settings.out), work_dir=work_dir,
+                           targets_path=targets.path, n_train=len(train_rows),
+                           n_val=len(val_rows), unreadable=dict(targets.errors),
+                           best_fidelity=None if best is None or math.isnan(best) else best,
+                           epochs_run=epochs_run, seconds=0.0)
+    if main:
+        summary = {k: str(v) if isinstance(v, Path) else v
+                   for k, v in dataclasses.asdict(result).items() if k != "seconds"}
+        summary["settings"] = json.loads(json.dumps(dataclasses.asdict(settings), default=str))
+        atomic_write_json(summary, work_dir / SUMMARY_FILE)
+    return result
