@@ -25,6 +25,7 @@ pipelines are imported only to run.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import warnings
@@ -442,11 +443,14 @@ def _run_distill(args: argparse.Namespace) -> int:
         result = distill(settings)
     except DistillError as error:
         return _usage_error(parser, cli_message(str(error), _flags(parser)))
+    if int(os.environ.get("RANK", "0")):
+        return EXIT_OK  # under torchrun, rank 0 reports
     for key, reason in result.unreadable.items():
         print(f"warning: left out unreadable tile {key}: {reason}", file=sys.stderr)
-    fidelity = "-" if result.best_fidelity is None else f"{result.best_fidelity:.4f}"
+    fidelity = "-" if result.fidelity is None else (
+        f"{result.fidelity:.4f}, centred {result.centred_fidelity:.4f}")
     print(f"distilled {args.teacher} into {args.student}: {result.n_train} training tiles, "
-          f"{result.n_val} held out (best fidelity, mean cosine to the target: {fidelity}), "
+          f"{result.n_val} held out (fidelity, mean cosine to the target: {fidelity}), "
           f"{result.epochs_run} epoch(s) this run, {result.seconds:.0f} s")
     print(f"student: {result.out}")
     print(f"targets: {result.targets_path}")

@@ -13,7 +13,8 @@ def python_blocks(page: Path) -> str:
     return "\n".join(re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S))
 
 
-@pytest.mark.parametrize("page", ["tiatoolbox.md", "features.md", "rotation_report.md"])
+@pytest.mark.parametrize("page", ["tiatoolbox.md", "features.md", "rotation_report.md",
+                                  "distillation.md"])
 def test_python_examples_run(page: str, shared_data: Path, tmp_path: Path,
                              monkeypatch: pytest.MonkeyPatch,
                              capsys: pytest.CaptureFixture[str]) -> None:
@@ -39,3 +40,8 @@ def test_python_examples_run(page: str, shared_data: Path, tmp_path: Path,
         assert (tmp_path / "report" / "rotation_report.json").is_file()
         assert (tmp_path / "report" / "rotation_report.png").is_file()
         assert len(namespace["figure"].axes) == 3
+    if page == "distillation.md":
+        assert "equivit_ric_tiny_patch16_224 192 teacher" in printed
+        result = namespace["result"]
+        assert result.n_train + result.n_val == 16 and 0 < result.fidelity <= 1
+        assert (tmp_path / "student.pt").is_file()

@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import timm
 import torch
 from ignite.engine import Events
 from ignite.handlers import ProgressBar
@@ -54,7 +54,7 @@ from ..models import (
 )
 from ..utils.atomic import atomic_write_json
 from ..version import __version__
-from .config import DistillError, DistillSettings
+from .config import DEFAULT_STUDENT, DistillError, DistillSettings
 from .loss import DistillationLoss, feature_cosine
 from .student import build_student
 from .targets import (
@@ -65,7 +65,7 @@ from .targets import (
     teacher_targets,
 )
 from .tiles import DistillTiles, collect_tiles
-from .views import DistillationViews
+from .views import DistillationViews, largest_shift
 
 __all__ = ["DistillResult", "distill"]
 
@@ -86,8 +86,11 @@ class DistillResult:
         targets_path: the teacher-target cache.
         n_train, n_val: tiles trained on and held out.
         unreadable: ``{tile key: reason}`` of tiles left out.
-        best_fidelity: best mean cosine between student features of held-out views and
-            their targets (``None`` without held-out tiles).
+        fidelity: mean cosine between the student's features of held-out views and their
+            targets, at the saved epoch (``None`` without held-out tiles).
+        centred_fidelity: the same after subtracting the training targets' mean from both
+            (what chooses the saved epoch: the raw cosine is near 1 for any features sharing
+            the teacher's common component).
         epochs_run: epochs trained by this call (0 when a finished run was found).
         seconds: wall time of this call.
     """
@@ -98,12 +101,16 @@ class DistillResult:
     n_train: int
     n_val: int
     unreadable: dict[str, str]
-    best_fidelity: float | None
+    fidelity: float | None
+    centred_fidelity: float | None
     epochs_run: int
     seconds: float
 
 
 def _load_teacher(settings: DistillSettings) -> tuple[nn.Module, ModelInfo]:
+    if not timm.is_model(settings.student):
+        raise DistillError(f"student= {settings.student!r} is not a registered timm model (e.g. "
+                           f"{DEFAULT_STUDENT})", "student")
     reason = unknown_source_reason(settings.teacher)
     if reason is not None:
         raise DistillError(f"teacher= {reason}", "teacher")
@@ -118,21 +125,28 @@ def _load_teacher(settings: DistillSettings) -> tuple[nn.Module, ModelInfo]:
     if info.img_size % 2:
         raise DistillError(f"teacher= takes {info.img_size} px inputs; views are centred crops "
                            f"and need an even size", "teacher")
+    if settings.max_shift > largest_shift(info.img_size):
+        raise DistillError(f"max_shift= {settings.max_shift} px is too large for the teacher's "
+                           f"{info.img_size} px tiles: a view turned by 45 degrees would leave "
+                           f"the {2 * info.img_size} px context (at most "
+                           f"{largest_shift(info.img_size)})", "max_shift")
     for parameter in teacher.parameters():
         parameter.requires_grad_(False)
     return teacher.eval(), info
 
 
 def _split(readable: np.ndarray, val_fraction: float, seed: int,
-           max_tiles: int | None) -> tuple[np.ndarray, np.ndarray]:
+           max_tiles: int | None, world_size: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """``(train rows, held-out rows)``: a seeded random split of the readable tiles, the same
+    on every rank; at least one held-out tile per rank when any are held out."""
     usable = np.flatnonzero(readable)
     rng = np.random.default_rng(seed)
     usable = rng.permutation(usable)
     if max_tiles is not None:
         usable = usable[:max_tiles]
     n_val = int(round(val_fraction * len(usable)))
-    if val_fraction > 0 and len(usable) >= 2:
-        n_val = max(1, n_val)
+    if val_fraction > 0 and len(usable) > world_size:
+        n_val = max(world_size, n_val)
     if len(usable) - n_val < 1:
         raise DistillError(f"tiles= only {len(usable)} readable tile(s): nothing left to train "
                            f"on after holding out {n_val}", "tiles")
@@ -142,8 +156,11 @@ def _split(readable: np.ndarray, val_fraction: float, seed: int,
 def _finished_epochs(state_path: Path) -> int:
     if not state_path.is_file():
         return 0
-    state = torch.load(state_path, map_location="cpu", weights_only=False)
-    return int(state.get("trainer", {}).get("epoch", 0))
+    trainer = torch.load(state_path, map_location="cpu", weights_only=False).get("trainer", {})
+    if "epoch" in trainer:
+        return int(trainer["epoch"])
+    # ignite keeps the iteration: whole epochs are iteration // epoch_length
+    return int(trainer.get("iteration", 0)) // max(1, int(trainer.get("epoch_length") or 1))
 
 
 def _loader(dataset: DistillationViews, settings: DistillSettings, ranks: Ranks, *,
@@ -160,12 +177,24 @@ def _loader(dataset: DistillationViews, settings: DistillSettings, ranks: Ranks,
                       persistent_workers=settings.num_workers > 0)
 
 
-def _cosine_output(output: Any) -> torch.Tensor:
-    """Engine output -> ``(B, 1)`` cosines, which ignite's ``Average`` averages per sample."""
-    pred, label = from_engine(["pred", "label"])(output)
-    pred = torch.stack(pred) if isinstance(pred, list) else pred
-    label = torch.stack(label) if isinstance(label, list) else label
-    return feature_cosine(pred.detach(), label).unsqueeze(1)
+class _MeanCosine(Average):
+    """ignite's per-sample ``Average`` of ``(B, 1)`` cosines, computed as a Python float (MONAI
+    compares key metrics as scalars)."""
+
+    def compute(self) -> float:
+        return float(super().compute())
+
+
+def _cosine_metric(centre: torch.Tensor | None, device: torch.device) -> Average:
+    """The mean cosine of features and targets (centred on the training targets' mean when
+    ``centre`` is given), averaged per sample by ignite's ``Average``."""
+    def cosines(output: Any) -> torch.Tensor:
+        pred, label = from_engine(["pred", "label"])(output)
+        pred = torch.stack(pred) if isinstance(pred, list) else pred
+        label = torch.stack(label) if isinstance(label, list) else label
+        return feature_cosine(pred.detach(), label, centre).unsqueeze(1)
+
+    return _MeanCosine(output_transform=cosines, device=device)
 
 
 def distill(settings: DistillSettings | None = None, **kwargs: Any) -> DistillResult:
@@ -182,7 +211,8 @@ def distill(settings: DistillSettings | None = None, **kwargs: Any) -> DistillRe
        (:class:`~equivit_plugin.distill.DistillationViews`) to reproduce the targets
        (:class:`~equivit_plugin.distill.DistillationLoss`), AdamW with warm-up and cosine
        decay. Every epoch a ``SupervisedEvaluator`` measures fidelity (mean cosine to the
-       target) on held-out tiles, each at a fixed random view, and the best student is written
+       target, raw and centred) on held-out tiles, each at a fixed random view, and the student
+       with the best centred fidelity is written
        to ``out`` (self-describing, atomic); the full training state goes to ``work_dir``
        every epoch, and a rerun continues from it.
 
@@ -229,7 +259,7 @@ def distill(settings: DistillSettings | None = None, **kwargs: Any) -> DistillRe
             device=device, num_workers=settings.num_workers, amp=amp, ranks=ranks,
             progress=settings.progress)
         train_rows, val_rows = _split(targets.readable, settings.val_fraction, settings.seed,
-                                      settings.max_tiles)
+                                      settings.max_tiles, ranks.world_size)
         torch.manual_seed(settings.seed)
         student, model_kwargs, report = build_student(
             settings.student, int(info.embed_dim), int(info.img_size),
@@ -240,6 +270,10 @@ def distill(settings: DistillSettings | None = None, **kwargs: Any) -> DistillRe
                         len(report.loaded))
         result = _train(settings, ranks, device, amp, main, info, tiles, targets, train_rows,
                         val_rows, student, model_kwargs)
+        if ranks.world_size > 1:
+            # Leave together: a rank that tears the group down while rank 0 still writes the
+            # summary aborts gloo.
+            torch.distributed.barrier()
     return dataclasses.replace(result, seconds=round(time.perf_counter() - start, 1))
 
 
@@ -261,15 +295,25 @@ def _train(settings: DistillSettings, ranks: Ranks, device: torch.device, amp: b
     if ranks.world_size > 1:
         network = nn.parallel.DistributedDataParallel(
             student, device_ids=[device] if device.type == "cuda" else None)
-    scale = float(np.mean(np.square(targets.values[train_rows]))) or 1.0
-    loss = DistillationLoss(settings.cosine_weight, settings.regression_weight, scale)
+    train_targets = torch.from_numpy(targets.values[train_rows]).double()
+    centre = train_targets.mean(0)
+    spread = train_targets.std(0) if len(train_rows) > 1 else torch.ones_like(centre)
+    spread = spread.clamp_min(1e-3 * float(spread.mean()) + 1e-12)
+    loss = DistillationLoss(settings.cosine_weight, settings.regression_weight,
+                            centre.float(), spread.float()).to(device)
+    centre = centre.float().to(device)
     optimizer = torch.optim.AdamW(adamw_param_groups(student, settings.weight_decay),
                                   lr=settings.lr, weight_decay=settings.weight_decay)
     steps = len(train_loader)
     scheduler = warmup_cosine_schedule(optimizer, total_steps=settings.epochs * steps,
                                        warmup_steps=min(settings.warmup_epochs,
                                                         settings.epochs) * steps)
-    metric = "val_cosine" if len(val_rows) else "train_cosine"
+    # Checkpoints are chosen by the centred cosine: the raw one is near 1 for any features
+    # that share the teacher's common component.
+    prefix = "val" if len(val_rows) else "train"
+    metric = f"{prefix}_centred_cosine"
+    metrics = {metric: _cosine_metric(centre, device),
+               f"{prefix}_cosine": _cosine_metric(None, device)}
     extra = {"distilled_from": teacher_identity(info), "feature_space": "teacher",
              "targets": "mean over the 8 rotations/flips of the teacher's pooled embedding",
              "targets_fingerprint": targets.fingerprint, "mean": list(IMAGENET_MEAN),
@@ -290,7 +334,8 @@ def _train(settings: DistillSettings, ranks: Ranks, device: torch.device, amp: b
             device=device, val_data_loader=_loader(val_set, settings, ranks, train=False,
                                                    device=device),
             network=student, amp=amp,
-            key_val_metric={metric: Average(output_transform=_cosine_output, device=device)},
+            key_val_metric={metric: metrics[metric]},
+            additional_metrics={f"{prefix}_cosine": metrics[f"{prefix}_cosine"]},
             val_handlers=val_handlers)
         metrics_writer.validator = evaluator
     handlers: list[Any] = []
@@ -306,12 +351,13 @@ def _train(settings: DistillSettings, ranks: Ranks, device: torch.device, amp: b
                                              output_transform=from_engine(["loss"],
                                                                           first=True))]
     handlers.append(metrics_writer)
-    train_metric = {} if evaluator is not None else {
-        metric: Average(output_transform=_cosine_output, device=device)}
+    on_train = evaluator is None
     trainer = SupervisedTrainer(
         device=device, max_epochs=settings.epochs, train_data_loader=train_loader,
         network=network, optimizer=optimizer, loss_function=loss, amp=amp,
-        key_train_metric=train_metric or None, train_handlers=handlers)
+        key_train_metric={metric: metrics[metric]} if on_train else None,
+        additional_metrics={f"{prefix}_cosine": metrics[f"{prefix}_cosine"]} if on_train
+        else None, train_handlers=handlers)
     if evaluator is None:
         saver.attach(trainer)
     if main:
@@ -337,11 +383,12 @@ def _train(settings: DistillSettings, ranks: Ranks, device: torch.device, amp: b
                                           engine.state.epoch))
         trainer.run()
         epochs_run = settings.epochs - done
-    best = saver.best_metric if len(val_rows) else None
+    best = next((r for r in metrics_writer.history if r["epoch"] == saver.best_epoch), {})
     result = DistillResult(out=Path(settings.out), work_dir=work_dir,
                            targets_path=targets.path, n_train=len(train_rows),
                            n_val=len(val_rows), unreadable=dict(targets.errors),
-                           best_fidelity=None if best is None or math.isnan(best) else best,
+                           fidelity=best.get("val_cosine"),
+                           centred_fidelity=best.get("val_centred_cosine"),
                            epochs_run=epochs_run, seconds=0.0)
     if main:
         summary = {k: str(v) if isinstance(v, Path) else v

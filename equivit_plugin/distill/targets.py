@@ -111,6 +111,8 @@ class _TileReads(Dataset):
             tile = torch.from_numpy(np.ascontiguousarray(self.tiles.tile(index)))
             return index, tile, ""
         except Exception as error:  # PIL, OpenSlide, tifffile... each has its own
+            while error.__cause__ is not None:  # MONAI wraps the reader's error: name the cause
+                error = error.__cause__
             return index, torch.zeros(size, size, 3, dtype=torch.uint8), \
                 f"{type(error).__name__}: {error}"
 

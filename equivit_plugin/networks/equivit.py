@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..layers import StackedConvPatchEmbed
-from ..models import EMBED_LAYERS, EquiVisionTransformer, create_model, model_config
+from ..models import (
+    EMBED_LAYERS,
+    EquiVisionTransformer,
+    create_model,
+    load_checkpoint,
+    load_vit_weights,
+    model_config,
+)
 
 __all__ = ["EquiViT", "create_network"]
 
@@ -83,12 +92,52 @@ class EquiViT(EquiVisionTransformer):
 
 
 def create_network(model_name: str, num_classes: int, in_channels: int = 3,
-                   img_size: int = 224, **kwargs: Any) -> torch.nn.Module:
+                   img_size: int = 224, init_checkpoint: str | os.PathLike | None = None,
+                   **kwargs: Any) -> torch.nn.Module:
     """Any registered timm model (``equivit_*``, ``equivit_ri_*``, ``convvit_*``, ``vit_*``...)
     from MONAI-style arguments (:func:`equivit_plugin.models.create_model`).
 
+    Args:
+        model_name: timm registry name.
+        num_classes: head size ``K``.
+        in_channels: image channels.
+        img_size: input side.
+        init_checkpoint: a self-describing checkpoint (e.g. a distilled student, whose pooled
+            features are its teacher's) to start from: every weight is copied but a classifier
+            head of another size, which stays freshly initialised. Its architecture must be this
+            one: the same ``model_name`` and architecture arguments in ``kwargs``.
+        **kwargs: more ``timm.create_model`` arguments (``depth``, ``feature_dim``...).
+
     Shapes:
         ``(B, in_channels, img_size, img_size) -> (B, num_classes)``.
+
+    Raises:
+        ValueError: ``init_checkpoint`` is another architecture (the message says which
+            arguments rebuild it).
     """
-    return create_model(model_name, num_classes, img_size=img_size, in_chans=in_channels,
-                        **kwargs)
+    net = create_model(model_name, num_classes, img_size=img_size, in_chans=in_channels,
+                       **kwargs)
+    if init_checkpoint:
+        _initialise_from(net, model_name, Path(init_checkpoint))
+    return net
+
+
+def _initialise_from(net: torch.nn.Module, model_name: str, path: Path) -> None:
+    payload = load_checkpoint(path)
+    built_with = {k: v for k, v in (payload.get("model_kwargs") or {}).items()
+                  if k != "num_classes"}
+    advice = (f"it was built as {payload['model_name']} with {built_with}: give that "
+              f"network_name and the same arguments to network_def and model_kwargs "
+              f"(e.g. --network_def#feature_dim 768 --model_kwargs#feature_dim 768)")
+    if payload["model_name"] != model_name:
+        raise ValueError(f"init_checkpoint {path} is not a {model_name}: {advice}")
+    state = {k: v.float() if v.dtype == torch.float16 else v
+             for k, v in payload["model"].items()}
+    report = load_vit_weights(net, state, skip_prefixes=())
+    misfits = {k: why for k, why in report.skipped.items() if not k.startswith("head.")}
+    missing = [k for k in report.missing if not k.startswith("head.")]
+    if misfits or missing:
+        example = next(iter(misfits.items()), (missing[0] if missing else "",
+                                               "not in the checkpoint"))
+        raise ValueError(f"init_checkpoint {path}: {len(misfits) + len(missing)} weights do "
+                         f"not fit this network (e.g. {example[0]}: {example[1]}); {advice}")
