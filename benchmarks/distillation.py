@@ -391,12 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "speed": rates,
         "cpu_ms_per_view": costs,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    throughput.write_atomic(args.out / "distillation.json",
-                            json.dumps(result, indent=2, default=str))
-    markdown = render(result)
-    throughput.write_atomic(args.out / "distillation.md", markdown)
-    print(markdown)
+    throughput.publish(args.out, "distillation", result, render(result))
     return 0
 
 

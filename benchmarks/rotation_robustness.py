@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import subprocess
 import sys
@@ -262,12 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rotation_report": report,
         "speed": speed(names, args.repeats),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    throughput.write_atomic(args.out / "rotation_robustness.json",
-                            json.dumps(result, indent=2, default=str))
-    markdown = render(result)
-    throughput.write_atomic(args.out / "rotation_robustness.md", markdown)
-    print(markdown)
+    throughput.publish(args.out, "rotation_robustness", result, render(result))
     return 0
 
 

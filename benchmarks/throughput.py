@@ -672,7 +672,7 @@ def write_atomic(path: Path, text: str) -> None:
 def publish(out_dir: Path, stem: str, report: dict[str, Any], markdown: str) -> None:
     """Print the markdown table; write ``<stem>.json`` and ``<stem>.md`` atomically."""
     print(markdown)
-    write_atomic(out_dir / f"{stem}.json", json.dumps(report, indent=2) + "\n")
+    write_atomic(out_dir / f"{stem}.json", json.dumps(report, indent=2, default=str) + "\n")
     write_atomic(out_dir / f"{stem}.md", markdown)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import numpy as np
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -187,3 +188,27 @@ def test_startup_parses_importtime() -> None:
     assert profile.heavy == ["torch", "timm", "monai"]
     assert profile.import_total_s == pytest.approx(0.00218)
     assert [t["module"] for t in profile.top][:2] == ["timm", "torch"]
+
+
+def test_distillation_knn_and_probe_helpers_match_scikit_learn() -> None:
+    from sklearn.neighbors import KNeighborsClassifier
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        distillation = importlib.import_module("distillation")
+    finally:
+        sys.path.remove(str(BENCH))
+    rng = np.random.default_rng(0)
+    train, test = rng.normal(size=(60, 8)), rng.normal(size=(25, 8))
+    train_y = (train[:, 0] + 0.3 * rng.normal(size=60) > 0).astype(int)
+    test_y = (test[:, 0] > 0).astype(int)
+    # Two classes and an odd k: no ties, so any correct majority vote agrees.
+    expected = KNeighborsClassifier(n_neighbors=5, metric="cosine").fit(train, train_y)
+    assert distillation.knn_accuracy(train, train_y, test, test_y, k=5) == pytest.approx(
+        expected.score(test, test_y))
+    assert distillation.cosine(train, train) == pytest.approx(1.0)
+    assert distillation.cosine(train, -train) == pytest.approx(-1.0)
+    shifted = train + 100.0
+    assert distillation.cosine(shifted, shifted[::-1]) > 0.99  # the common component
+    assert abs(distillation.cosine(shifted, shifted[::-1], shifted.mean(0))) < 0.5
+    assert distillation.probe(train, train_y).score(train, train_y) > 0.8
