@@ -48,7 +48,10 @@ def tile_files(folders: Sequence[str | os.PathLike]) -> list[Path]:
         folder = Path(folder)
         if not folder.is_dir():
             raise DistillError(f"tiles= {folder}: no such folder", "tiles")
-        found = sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p))
+        # Resolved, so a tile's key (and the targets cache's fingerprint) does not depend on
+        # the working directory or on links to it.
+        found = [p.resolve() for p in sorted(folder.rglob("*"))
+                 if p.is_file() and is_image_file(p)]
         if not found:
             raise DistillError(f"tiles= {folder}: no image files (.png, .jpg, .tif...) in it or "
                                f"below it", "tiles")
@@ -168,7 +171,7 @@ def collect_tiles(tile_size: int, *, tiles: Sequence[str | os.PathLike] = (),
     index, coords = [np.zeros(0, dtype=np.int64)], [np.zeros((0, 2), dtype=np.int64)]
     if slides:
         try:
-            slide_paths = tuple(resolve_slides(list(slides)))
+            slide_paths = tuple(Path(p).resolve() for p in resolve_slides(list(slides)))
         except ValueError as error:
             raise DistillError(f"slides= {error}", "slides") from error
         for number, path in enumerate(tqdm(slide_paths, desc="tiling slides", unit="slide",
