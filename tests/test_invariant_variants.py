@@ -270,11 +270,16 @@ def test_the_default_invariant_variant_is_the_default_everywhere() -> None:
 
     from equivit_plugin.distill import DEFAULT_STUDENT
     from equivit_plugin.features.config import DEFAULT_MODEL
-    from equivit_plugin.models import DEFAULT_INVARIANT_VARIANT, model_name
+    from equivit_plugin.models import (
+        DEFAULT_INVARIANT_VARIANT,
+        DEFAULT_STUDENT_VARIANT,
+        model_name,
+    )
 
     train = json.loads((REPO_ROOT / "monai_bundle" / "configs" / "train.json").read_text())
     assert train["network_name"] == model_name(DEFAULT_INVARIANT_VARIANT, "tiny")
     assert train["augment"] == "any_angle"
-    assert model_name(DEFAULT_INVARIANT_VARIANT, "small") == DEFAULT_MODEL == DEFAULT_STUDENT
+    assert model_name(DEFAULT_INVARIANT_VARIANT, "small") == DEFAULT_MODEL
+    assert model_name(DEFAULT_STUDENT_VARIANT, "small") == DEFAULT_STUDENT
     distill = json.loads((REPO_ROOT / "monai_bundle" / "configs" / "distill.json").read_text())
     assert distill["student"] == DEFAULT_STUDENT

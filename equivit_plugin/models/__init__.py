@@ -17,7 +17,8 @@ _LAZY_NAMES = {
     "file_sha256": "checkpoint", "is_checkpoint_path": "checkpoint",
     "load_checkpoint": "checkpoint", "save_checkpoint": "checkpoint",
     "PooledEncoder": "embedding", "pooled_embedding": "embedding",
-    "DEFAULT_INVARIANT_VARIANT": "equivit", "DEPTH_CHANGE": "equivit",
+    "DEFAULT_INVARIANT_VARIANT": "equivit", "DEFAULT_STUDENT_VARIANT": "equivit",
+    "DEPTH_CHANGE": "equivit",
     "EMBED_LAYERS": "equivit", "MODEL_SIZES": "equivit",
     "VARIANTS": "equivit", "EquiVisionTransformer": "equivit",
     "model_config": "equivit", "model_name": "equivit",
@@ -33,6 +34,7 @@ _LAZY_NAMES = {
 __all__ = [
     "CHECKPOINT_FORMAT_VERSION",
     "DEFAULT_INVARIANT_VARIANT",
+    "DEFAULT_STUDENT_VARIANT",
     "DEPTH_CHANGE",
     "EMBED_LAYERS",
     "HUB_PREFIXES",
@@ -75,6 +77,7 @@ if TYPE_CHECKING:
     from .embedding import PooledEncoder, pooled_embedding
     from .equivit import (
         DEFAULT_INVARIANT_VARIANT,
+        DEFAULT_STUDENT_VARIANT,
         DEPTH_CHANGE,
         EMBED_LAYERS,
         MODEL_SIZES,

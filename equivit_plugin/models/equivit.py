@@ -23,7 +23,7 @@ from ..layers import (
     RadialPosEmbed,
 )
 
-__all__ = ["DEFAULT_INVARIANT_VARIANT", "DEPTH_CHANGE", "EMBED_LAYERS", "MODEL_SIZES",
+__all__ = ["DEFAULT_INVARIANT_VARIANT", "DEFAULT_STUDENT_VARIANT", "DEPTH_CHANGE", "EMBED_LAYERS", "MODEL_SIZES",
            "VARIANTS", "EquiVisionTransformer", "build_family_member", "model_config",
            "model_name"]
 
@@ -61,8 +61,17 @@ VARIANTS: dict[str, dict[str, Any]] = {
 DEFAULT_INVARIANT_VARIANT = "equivit_ric"
 """The exactly invariant variant that kept feature neighbourhoods best off the 90-degree grid
 and under sub-patch shifts at about ViT's cost (``benchmarks/rotation_robustness.py``,
-``docs/invariant_models.md``): the default network of the bundle's ``train.json``, of
-``equivit extract-features`` and the student of distillation."""
+``docs/invariant_models.md``): the default network of the bundle's ``train.json`` and of
+``equivit extract-features`` (trained from scratch)."""
+
+DEFAULT_STUDENT_VARIANT = "equivit_rid"
+"""The default student of distillation from a class-token ViT teacher
+(``benchmarks/distillation.py``, ``docs/distillation.md``): it keeps the teacher's blocks (only
+the patch and position embeddings are new), so it inherits all of them; distilled from the
+same ``vit_tiny`` teacher it kept the teacher's accuracy (kNN and probe +1 to +2 points) and
+its off-grid stability (0.714 vs 0.707 for ``equivit_ric``) at 0.98x the teacher's speed,
+where ``equivit_ric`` (two blocks fewer, a new stem) lost 2 points and ran at 0.87x and
+``equivit_ri`` (class token) fell below the teacher off the grid (0.663)."""
 
 DEPTH_CHANGE: dict[str, int] = {"equivit_ric": -2}
 """Blocks a variant adds to its size's depth: the convolutional stem (about ``4700 D^2``
