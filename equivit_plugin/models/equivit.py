@@ -23,9 +23,9 @@ from ..layers import (
     RadialPosEmbed,
 )
 
-__all__ = ["DEFAULT_INVARIANT_VARIANT", "DEFAULT_STUDENT_VARIANT", "DEPTH_CHANGE", "EMBED_LAYERS", "MODEL_SIZES",
-           "VARIANTS", "EquiVisionTransformer", "build_family_member", "model_config",
-           "model_name"]
+__all__ = ["DEFAULT_INVARIANT_VARIANT", "DEFAULT_STUDENT_VARIANT", "DEPTH_CHANGE",
+           "EMBED_LAYERS", "MODEL_SIZES", "VARIANTS", "EquiVisionTransformer",
+           "build_family_member", "model_config", "model_name"]
 
 PosEmbedType = Literal["learn", "radial", "none"]
 AttnBiasType = Literal["none", "distance"]
