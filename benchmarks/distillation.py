@@ -21,7 +21,8 @@ augmentation). Then, in one run:
 Results go to ``--out`` (default ``benchmarks/results``): ``distillation.{json,md}`` and
 ``distillation_report/rotation_report.{json,png}``; runs stay in ``--runs`` (git-ignored).
 
-Command, from the repository root (about an hour on 2 cores when nothing else runs)::
+Commands, from the repository root (45 minutes on 2 cores when nothing else runs: 7 per student,
+15 for the rotation report, most of it teacher + D4)::
 
     .venv/bin/python benchmarks/distillation.py
     .venv/bin/python benchmarks/distillation.py --students equivit_ric_tiny_patch16_224 --epochs 4
