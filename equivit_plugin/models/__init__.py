@@ -14,6 +14,7 @@ from . import registry  # noqa: F401  (the Equi-ViT family in timm's registry)
 
 _LAZY_NAMES = {
     "CHECKPOINT_FORMAT_VERSION": "checkpoint", "check_class_names": "checkpoint",
+    "checkpoint_weights": "checkpoint",
     "file_sha256": "checkpoint", "is_checkpoint_path": "checkpoint",
     "load_checkpoint": "checkpoint", "save_checkpoint": "checkpoint",
     "PooledEncoder": "embedding", "pooled_embedding": "embedding",
@@ -48,6 +49,7 @@ __all__ = [
     "ModelLoadError",
     "PooledEncoder",
     "check_class_names",
+    "checkpoint_weights",
     "create_model",
     "file_sha256",
     "input_normalisation",
@@ -69,6 +71,7 @@ if TYPE_CHECKING:
     from .checkpoint import (
         CHECKPOINT_FORMAT_VERSION,
         check_class_names,
+        checkpoint_weights,
         file_sha256,
         is_checkpoint_path,
         load_checkpoint,

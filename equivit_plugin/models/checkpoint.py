@@ -24,8 +24,8 @@ from torch import nn
 
 from ..utils.atomic import atomic_save
 
-__all__ = ["CHECKPOINT_FORMAT_VERSION", "check_class_names", "file_sha256", "is_checkpoint_path",
-           "load_checkpoint", "save_checkpoint"]
+__all__ = ["CHECKPOINT_FORMAT_VERSION", "check_class_names", "checkpoint_weights", "file_sha256",
+           "is_checkpoint_path", "load_checkpoint", "save_checkpoint"]
 
 CHECKPOINT_FORMAT_VERSION = 1
 
@@ -117,3 +117,9 @@ def load_checkpoint(path: str | os.PathLike,
             f"'model_name' (written by equivit_plugin.models.save_checkpoint)"
         )
     return payload
+
+
+def checkpoint_weights(payload: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The state dict of a :func:`load_checkpoint` payload, float16 weights (``half=True``)
+    cast back to float32."""
+    return {k: v.float() if v.dtype == torch.float16 else v for k, v in payload["model"].items()}

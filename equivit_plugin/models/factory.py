@@ -26,7 +26,13 @@ import torch
 from torch import nn
 
 from . import registry  # noqa: F401  (the Equi-ViT family in timm's registry)
-from .checkpoint import check_class_names, file_sha256, is_checkpoint_path, load_checkpoint
+from .checkpoint import (
+    check_class_names,
+    checkpoint_weights,
+    file_sha256,
+    is_checkpoint_path,
+    load_checkpoint,
+)
 
 __all__ = ["HUB_PREFIXES", "ModelInfo", "ModelLoadError", "create_model", "is_hub_name",
            "load_model", "unknown_source_reason"]
@@ -153,9 +159,7 @@ def _from_checkpoint(path: Path, *, num_classes: int | None, class_names: Sequen
                              f"img_size={img_size} was asked for")
     try:
         net = timm.create_model(payload["model_name"], **kwargs)
-        state = {k: v.float() if v.dtype == torch.float16 else v
-                 for k, v in payload["model"].items()}
-        net.load_state_dict(state)
+        net.load_state_dict(checkpoint_weights(payload))
     except (RuntimeError, TypeError, ValueError) as error:
         raise ModelLoadError(f"checkpoint {path}: cannot rebuild {payload['model_name']} with "
                              f"{kwargs}: {error}") from error

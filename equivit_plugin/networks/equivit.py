@@ -14,6 +14,7 @@ from ..layers import StackedConvPatchEmbed
 from ..models import (
     EMBED_LAYERS,
     EquiVisionTransformer,
+    checkpoint_weights,
     create_model,
     load_checkpoint,
     load_vit_weights,
@@ -131,9 +132,7 @@ def _initialise_from(net: torch.nn.Module, model_name: str, path: Path) -> None:
               f"(e.g. --network_def#feature_dim 768 --model_kwargs#feature_dim 768)")
     if payload["model_name"] != model_name:
         raise ValueError(f"init_checkpoint {path} is not a {model_name}: {advice}")
-    state = {k: v.float() if v.dtype == torch.float16 else v
-             for k, v in payload["model"].items()}
-    report = load_vit_weights(net, state, skip_prefixes=())
+    report = load_vit_weights(net, checkpoint_weights(payload), skip_prefixes=())
     misfits = {k: why for k, why in report.skipped.items() if not k.startswith("head.")}
     missing = [k for k in report.missing if not k.startswith("head.")]
     if misfits or missing:
