@@ -251,8 +251,7 @@ def distill(settings: DistillSettings | None = None, **kwargs: Any) -> DistillRe
         fingerprint = targets_fingerprint(info, tiles, settings.seed)
         targets_path = settings.targets_cache or default_targets_path(settings.work_dir,
                                                                       fingerprint)
-        teacher_mean, teacher_std = input_normalisation(teacher, info.extra,
-                                                        bool(info.checkpoint))
+        teacher_mean, teacher_std = input_normalisation(teacher, info)
         targets = teacher_targets(
             teacher.to(device), info, tiles, targets_path, fingerprint=fingerprint,
             mean=teacher_mean, std=teacher_std, batch_size=settings.batch_size_targets,

@@ -10,14 +10,16 @@ bundle's transforms use the same mean and std.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import timm.data
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
+
+if TYPE_CHECKING:
+    from .factory import ModelInfo
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "input_normalisation", "normalise_batch",
            "normalise_tile"]
@@ -64,8 +66,7 @@ def normalise_batch(batch: torch.Tensor) -> torch.Tensor:
     return batch.permute(0, 3, 1, 2).to(torch.float32).mul_(scale).sub_(shift)
 
 
-def input_normalisation(net: nn.Module, checkpoint_extra: Mapping[str, Any] | None = None,
-                        from_checkpoint: bool = False
+def input_normalisation(net: nn.Module, info: ModelInfo
                         ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """``(mean, std)`` a model's ``[0, 1]`` RGB inputs are normalised with.
 
@@ -77,13 +78,12 @@ def input_normalisation(net: nn.Module, checkpoint_extra: Mapping[str, Any] | No
 
     Args:
         net: the model.
-        checkpoint_extra: the checkpoint's other entries (``ModelInfo.extra``).
-        from_checkpoint: whether ``net`` was loaded from a checkpoint of this package.
+        info: what :func:`~equivit_plugin.models.load_model` said about it (``checkpoint``:
+            loaded from a checkpoint of this package; ``extra``: its other entries).
     """
-    extra = checkpoint_extra or {}
-    if from_checkpoint:
-        mean = extra.get("mean", IMAGENET_MEAN)
-        std = extra.get("std", IMAGENET_STD)
+    if info.checkpoint:
+        mean = info.extra.get("mean", IMAGENET_MEAN)
+        std = info.extra.get("std", IMAGENET_STD)
     else:
         config = timm.data.resolve_data_config({}, model=net)
         mean, std = config["mean"], config["std"]

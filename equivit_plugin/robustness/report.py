@@ -131,8 +131,7 @@ def _encoders(models: ModelSource | Sequence[ModelSource], seed: int,
         while label in {e.label for e in encoders}:
             label, copy = f"{base} ({copy})", copy + 1
         config = dict(timm.data.resolve_data_config({}, model=net))
-        config["mean"], config["std"] = input_normalisation(net, info.extra,
-                                                            bool(info.checkpoint))
+        config["mean"], config["std"] = input_normalisation(net, info)
         size = int(info.img_size)
         # timm's pretrained_cfg keeps the registered input size (224) for a model built with
         # img_size=112: the size the model was built for is ModelInfo's.
