@@ -37,18 +37,18 @@ def build_student(name: str, teacher_dim: int, img_size: int, *,
     Raises:
         DistillError: ``name`` is not registered, or needs a projection but is not an Equi-ViT.
     """
+    kwargs: dict[str, Any] = {"num_classes": 0, "img_size": int(img_size)}
     try:
-        probe = create_model(name, num_classes=0, img_size=img_size)
+        student = create_model(name, **kwargs)
     except (ValueError, TypeError, RuntimeError) as error:
         raise DistillError(f"student= {name!r}: {error}", "student") from error
-    kwargs: dict[str, Any] = {"num_classes": 0, "img_size": int(img_size)}
-    if int(probe.num_features) != int(teacher_dim):
-        if not isinstance(probe, EquiVisionTransformer):
+    if int(student.num_features) != int(teacher_dim):
+        if not isinstance(student, EquiVisionTransformer):
             raise DistillError(
-                f"student= {name!r} has {probe.num_features} features and the teacher "
+                f"student= {name!r} has {student.num_features} features and the teacher "
                 f"{teacher_dim}; only an Equi-ViT student (equivit_*) can project to the "
                 f"teacher's width", "student")
         kwargs["feature_dim"] = int(teacher_dim)
-    student = create_model(name, **kwargs)
+        student = create_model(name, **kwargs)
     report = load_vit_weights(student, teacher.state_dict()) if teacher is not None else None
     return student, kwargs, report
