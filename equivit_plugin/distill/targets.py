@@ -176,19 +176,17 @@ def _merge(parts: list[Path], path: Path, fingerprint: str, tiles: DistillTiles,
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as out:
         targets = out.create_dataset("targets", (n_tiles, int(info.embed_dim)), dtype="float32")
         status = np.zeros(n_tiles, dtype=np.int8)
-        errors = np.asarray([""] * n_tiles, dtype=object)
+        errors = np.full(n_tiles, "", dtype=object)
         for rank, part_path in enumerate(parts):
             with h5py.File(part_path, "r") as part:
-                rows = np.arange(rank, n_tiles, len(parts))
+                rows = slice(rank, None, len(parts))  # this rank's rows: one strided hyperslab
                 targets[rows] = part["targets"][rows]
                 status[rows] = part["status"][rows]
-                errors[rows] = [e.decode() if isinstance(e, bytes) else e
-                                for e in part["errors"][rows]]
+                errors[rows] = part["errors"].asstr()[rows]
         if (status == PENDING).any():
             raise RuntimeError(f"{(status == PENDING).sum()} targets missing from {parts}")
         out.create_dataset("status", data=status)
-        out.create_dataset("errors", data=errors.astype(str).tolist(),
-                           dtype=h5py.string_dtype())
+        out.create_dataset("errors", data=errors, dtype=h5py.string_dtype())
         out.create_dataset("keys", data=tiles.keys(), dtype=h5py.string_dtype())
         out.attrs.update({"fingerprint": fingerprint, "tile_size": tiles.tile_size,
                           "embed_dim": int(info.embed_dim),
@@ -200,8 +198,8 @@ def _read(path: Path, fingerprint: str) -> Targets:
     with h5py.File(path, "r") as handle:
         values = handle["targets"][:]
         status = handle["status"][:]
-        keys = [k.decode() if isinstance(k, bytes) else k for k in handle["keys"][:]]
-        errors = [e.decode() if isinstance(e, bytes) else e for e in handle["errors"][:]]
+        keys = handle["keys"].asstr()[:]
+        errors = handle["errors"].asstr()[:]
     readable = status == DONE
     return Targets(values=values, readable=readable,
                    errors={keys[i]: errors[i] for i in np.flatnonzero(~readable)},
