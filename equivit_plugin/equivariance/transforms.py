@@ -169,15 +169,31 @@ def region_views(regions: torch.Tensor, angle: float, tile_size: int,
     if min(x0, y0) < 0 or max(x0, y0) + tile_size > side:
         raise ValueError(f"a {tile_size} px crop shifted by {shift} px leaves the {side} px "
                          f"region")
-    if float(angle) % 90.0:
-        # Off the 90-degree grid a crop pixel at distance r from the centre reads source
-        # points at distance r: the crop's farthest corner must stay within (S - 1) / 2 of
-        # the centre for its bilinear sources to lie inside the region.
-        centre = (side - 1) / 2
-        corner = math.hypot(max(abs(x0 - centre), abs(x0 + tile_size - 1 - centre)),
-                            max(abs(y0 - centre), abs(y0 + tile_size - 1 - centre)))
-        if corner > centre + 1e-9:
-            raise ValueError(f"rotating a {side} px region by {angle} degrees would bring "
-                             f"padding into a {tile_size} px crop shifted by {shift} px")
-    turned = rotate(regions, angle)
-    return turned[..., y0:y0 + tile_size, x0:x0 + tile_size]
+    if not float(angle) % 90.0:  # exact: a permutation of the pixels
+        return rotate(regions, angle)[..., y0:y0 + tile_size, x0:x0 + tile_size]
+    # Off the 90-degree grid a crop pixel at distance r from the centre reads source points at
+    # distance r: the crop's farthest corner must stay within (S - 1) / 2 of the centre for its
+    # bilinear sources to lie inside the region.
+    centre = (side - 1) / 2
+    corner = math.hypot(max(abs(x0 - centre), abs(x0 + tile_size - 1 - centre)),
+                        max(abs(y0 - centre), abs(y0 + tile_size - 1 - centre)))
+    if corner > centre + 1e-9:
+        raise ValueError(f"rotating a {side} px region by {angle} degrees would bring "
+                         f"padding into a {tile_size} px crop shifted by {shift} px")
+    # Sample only the T x T crop (a quarter of a 2T region), at the points rotate() would
+    # read: crop offset (u, v) from the centre (u right, v down) reads source offset
+    # (cos u - sin v, sin u + cos v). The grid is made in float64, then cast.
+    radians = math.radians(float(angle))
+    cos, sin = math.cos(radians), math.sin(radians)
+    steps = torch.arange(tile_size, dtype=torch.float64)
+    u, v = (x0 - centre + steps)[None, :], (y0 - centre + steps)[:, None]
+    source_x, source_y = centre + cos * u - sin * v, centre + sin * u + cos * v
+    # grid_sample's normalised coordinates (align_corners=False): pixel x -> (2 x + 1) / S - 1
+    grid = torch.stack(((2 * source_x + 1) / side - 1, (2 * source_y + 1) / side - 1), dim=-1)
+    grid = grid.to(dtype=regions.dtype, device=regions.device)
+    # One single-channel plane per batch entry, as in rotate(): CPU grid_sample parallelises
+    # over the batch dim.
+    planes = regions.reshape(-1, 1, side, side)
+    out = F.grid_sample(planes, grid.expand(planes.shape[0], -1, -1, -1), mode="bilinear",
+                        padding_mode="zeros", align_corners=False)
+    return out.reshape(*regions.shape[:2], tile_size, tile_size)
