@@ -20,6 +20,7 @@ from equivit_plugin.layers import (
     default_stem_stages,
     pairwise_distances,
 )
+from equivit_plugin.models import DEPTH_CHANGE
 
 D4 = {name: op for name, op in D4_TRANSFORMS if name != "rot0"}
 # The 180-degree turn and the two flips map an H x W grid onto itself for any H, W.
@@ -33,6 +34,9 @@ CONFIGS = {
     "conv_stem": {"embed_layer": "gmr_stem", "global_pool": "avg"},
     "conv_stem_distance_bias": {"embed_layer": "gmr_stem", "attn_bias": "distance",
                                 "global_pool": "token"},
+    "disc": {"embed_layer": "gmr_stem", "embed_kwargs": {"norm_disc_radius": 1.0},
+             "attn_bias": "distance", "global_pool": "avg", "disc_radius": 1.0},
+    "disc_class_token": {"attn_bias": "distance", "global_pool": "token", "disc_radius": 0.8},
 }
 
 
@@ -214,7 +218,7 @@ def test_embed_layer_by_name_round_trips_through_a_checkpoint(tmp_path) -> None:
         timm.create_model("equivit_ri_tiny_patch16_224", attn_bias="relative")
 
 
-@pytest.mark.parametrize("variant", ["equivit_rid", "equivit_ric"])
+@pytest.mark.parametrize("variant", ["equivit_rid", "equivit_ric", "equivit_disc"])
 def test_registered_variants_through_the_monai_door(variant: str) -> None:
     from equivit_plugin.networks import EquiViT, create_network
 
@@ -227,11 +231,11 @@ def test_registered_variants_through_the_monai_door(variant: str) -> None:
     with torch.no_grad():
         assert torch.allclose(monai_net(x), timm_model.eval()(x), atol=1e-6)
         assert create_network(name, num_classes=3, img_size=64)(x).shape == (2, 3)
-    expected_depth = 10 if variant == "equivit_ric" else 12
+    expected_depth = 12 + DEPTH_CHANGE.get(variant, 0)
     assert len(timm_model.blocks) == expected_depth and timm_model.global_pool == "avg"
 
 
-@pytest.mark.parametrize("variant", ["equivit_rid", "equivit_ric"])
+@pytest.mark.parametrize("variant", ["equivit_rid", "equivit_ric", "equivit_disc"])
 def test_registered_variants_through_the_tiatoolbox_engine(variant: str,
                                                            shared_data) -> None:
     import numpy as np

@@ -21,7 +21,8 @@ SMALL = {"img_size": 64, "depth": 2, "num_classes": 3}
 def test_registry_has_the_whole_family() -> None:
     names = set(timm.list_models("equivit*")) | set(timm.list_models("convvit*"))
     for size in ("tiny", "small", "base"):
-        for variant in ("equivit", "equivit_ri", "equivit_rid", "equivit_ric", "convvit"):
+        for variant in ("equivit", "equivit_ri", "equivit_rid", "equivit_ric", "equivit_disc",
+                        "convvit"):
             assert f"{variant}_{size}_patch16_224" in names
     model = timm.create_model("equivit_small_patch16_224", num_classes=0)
     assert isinstance(model.patch_embed, GMRPatchEmbed) and model.num_features == 384

@@ -1,8 +1,9 @@
 """Equivariant building blocks: GMR convolutions, patch embeddings and stems, radial position
-embedding, distance attention bias."""
+embedding, distance attention bias, disc token selection."""
 
 from .attn_bias import DistanceAttentionBias, pairwise_distances
 from .conv_stem import ConvStem, GMRConvStemEmbed, default_stem_stages, stem_group_norm
+from .disc import DiscGroupNorm, disc_token_indices, disc_token_mask
 from .gmr_conv import GMRConv1d, GMRConv2d, GMRConv3d, GMRConvNd, ring_basis, ring_distances
 from .patch_embed import (
     ConvPatchEmbed,
@@ -19,6 +20,7 @@ __all__ = [
     "ConvPatchEmbed",
     "ConvStackProjection",
     "ConvStem",
+    "DiscGroupNorm",
     "DistanceAttentionBias",
     "GMRConv1d",
     "GMRConv2d",
@@ -32,6 +34,8 @@ __all__ = [
     "compose_kernels",
     "default_kernel_sizes",
     "default_stem_stages",
+    "disc_token_indices",
+    "disc_token_mask",
     "pairwise_distances",
     "radial_distances",
     "ring_basis",

@@ -13,18 +13,21 @@ Built from GMR convolutions it stays exactly equivariant to the 8 rotations/flip
 * every stage has an even ``k - s`` and pads ``(k - s) / 2`` on both sides, so a stride-``s``
   stage maps an input of side ``H`` (a multiple of ``s``) to ``H / s`` outputs whose windows,
   centred at ``s j + (s - 1) / 2``, are carried onto each other by a flip of the input;
-* ``GroupNorm`` and the activation act per sample on all positions alike.
+* ``GroupNorm`` and the activation act per sample on all positions alike (with statistics of
+  the whole map, or of its inscribed disc: :class:`~.disc.DiscGroupNorm`, also D4-symmetric).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 from timm.layers import to_2tuple
 from torch import nn
 
+from .disc import DiscGroupNorm
 from .gmr_conv import GMRConv2d
 from .patch_embed import ProjectedPatchEmbed
 
@@ -116,7 +119,10 @@ class GMRConvStemEmbed(ProjectedPatchEmbed):
 
     A drop-in ``embed_layer`` for ``timm.models.VisionTransformer``: ``PatchEmbed``'s keywords
     plus the stem's ``stages``, ``widths``, ``conv_layer``, ``norm_layer`` (``stem_norm_layer``)
-    and ``act_layer``.
+    and ``act_layer``, and ``norm_disc_radius``: take the stem's normalisation statistics over
+    the inscribed disc of each feature map (:class:`~.disc.DiscGroupNorm`, this radius), so
+    that what lies outside the disc reaches no token inside it through the norms (a number,
+    unlike ``stem_norm_layer``, so a checkpoint stays self-describing).
 
     Shapes:
         ``(B, C, H, W) -> (B, N, D)`` when flattening (default), else ``output_fmt``.
@@ -144,6 +150,7 @@ class GMRConvStemEmbed(ProjectedPatchEmbed):
         conv_layer: Callable[..., nn.Module] = GMRConv2d,
         stem_norm_layer: Callable[[int], nn.Module] = stem_group_norm,
         act_layer: Callable[[], nn.Module] = nn.GELU,
+        norm_disc_radius: float | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -151,6 +158,10 @@ class GMRConvStemEmbed(ProjectedPatchEmbed):
         if patch[0] != patch[1]:
             raise ValueError(f"patch_size must be square for an equivariant stem, got {patch_size}")
         stages = tuple(stages) if stages is not None else default_stem_stages(patch[0])
+        if norm_disc_radius is not None:
+            if stem_norm_layer is not stem_group_norm:
+                raise ValueError("give stem_norm_layer or norm_disc_radius, not both")
+            stem_norm_layer = partial(DiscGroupNorm, radius=norm_disc_radius)
         proj = ConvStem(in_chans, embed_dim, stages, widths=widths, conv_layer=conv_layer,
                         norm_layer=stem_norm_layer, act_layer=act_layer)
         if proj.stride != patch[0]:

@@ -21,6 +21,7 @@ from ..layers import (
     GMRConvStemEmbed,
     GMRPatchEmbed,
     RadialPosEmbed,
+    disc_token_indices,
 )
 
 __all__ = ["DEFAULT_INVARIANT_VARIANT", "DEFAULT_STUDENT_VARIANT", "DEPTH_CHANGE",
@@ -53,6 +54,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
                     "global_pool": "avg"},
     "equivit_ric": {"embed_layer": "gmr_stem", "pos_embed": "radial", "attn_bias": "distance",
                     "global_pool": "avg"},
+    "equivit_disc": {"embed_layer": "gmr_stem", "embed_kwargs": {"norm_disc_radius": 1.0},
+                     "pos_embed": "radial", "attn_bias": "distance", "global_pool": "avg",
+                     "disc_radius": 1.0},
     "convvit": {"embed_layer": "conv", "pos_embed": "learn"},
     "vit": {"embed_layer": "linear", "pos_embed": "learn"},
 }
@@ -73,7 +77,7 @@ its off-grid stability (0.714 vs 0.707 for ``equivit_ric``) at 0.98x the teacher
 where ``equivit_ric`` (two blocks fewer, a new stem) lost 2 points and ran at 0.87x and
 ``equivit_ri`` (class token) fell below the teacher off the grid (0.663)."""
 
-DEPTH_CHANGE: dict[str, int] = {"equivit_ric": -2}
+DEPTH_CHANGE: dict[str, int] = {"equivit_ric": -2, "equivit_disc": -2}
 """Blocks a variant adds to its size's depth: the convolutional stem (about ``4700 D^2``
 multiply-adds, two blocks' worth at every width) pays for itself with two transformer blocks
 fewer, as in "Early convolutions help transformers see better" (Xiao et al. 2021)."""
@@ -102,19 +106,26 @@ class EquiVisionTransformer(VisionTransformer):
             the classifier head reads ``F`` features (``None``: no projection, ``F = D``).
             A distilled student uses it to speak its teacher's feature space; a linear map of
             an invariant vector stays invariant.
+        disc_radius: keep only the patch tokens whose centre lies within this fraction of half
+            the grid's side from the grid centre (``1.0``: the inscribed disc;
+            :func:`~equivit_plugin.layers.disc_token_mask`), dropped right after the position
+            embedding: attention and pooling see only the tissue that every rotation of the
+            tile shows (``None``: all tokens). An ``attn_mask`` then covers the kept tokens.
         **kwargs: every other ``VisionTransformer`` argument (``embed_layer``, ``embed_dim``...).
 
     Shapes:
         ``forward``: ``(B, C, H, W) -> (B, num_classes)``; ``forward_features``:
-        ``(B, C, H, W) -> (B, num_prefix_tokens + N, D)``; ``forward_head(...,
-        pre_logits=True)``: ``-> (B, F)``.
+        ``(B, C, H, W) -> (B, num_prefix_tokens + N, D)`` (``N``: the patches kept, all
+        ``H W / p^2`` without ``disc_radius``); ``forward_head(..., pre_logits=True)``:
+        ``-> (B, F)``.
     """
 
     def __init__(self, *args: Any, pos_embed: PosEmbedType = "learn",
                  radial_knot_spacing: float = 0.5, attn_bias: AttnBiasType = "none",
                  embed_layer: str | Callable[..., nn.Module] = "linear",
                  embed_kwargs: Mapping[str, Any] | None = None,
-                 feature_dim: int | None = None, **kwargs: Any) -> None:
+                 feature_dim: int | None = None, disc_radius: float | None = None,
+                 **kwargs: Any) -> None:
         if isinstance(embed_layer, str):
             if embed_layer not in EMBED_LAYERS:
                 raise ValueError(f"embed_layer must be one of {sorted(EMBED_LAYERS)} or a class, "
@@ -126,6 +137,11 @@ class EquiVisionTransformer(VisionTransformer):
             raise ValueError(f"pos_embed must be 'learn', 'radial' or 'none', got {pos_embed!r}")
         if attn_bias not in ("none", "distance"):
             raise ValueError(f"attn_bias must be 'none' or 'distance', got {attn_bias!r}")
+        if disc_radius is not None and (isinstance(disc_radius, bool)
+                                        or not isinstance(disc_radius, int | float)
+                                        or not disc_radius > 0):
+            raise ValueError(f"disc_radius must be a positive number or None, got "
+                             f"{disc_radius!r}")
         radial = pos_embed == "radial"
         super().__init__(*args, pos_embed="none" if radial else pos_embed,
                          embed_layer=embed_layer, **kwargs)
@@ -139,6 +155,7 @@ class EquiVisionTransformer(VisionTransformer):
                                   self.patch_embed.grid_size or (14, 14))
             if attn_bias == "distance" else None
         )
+        self.disc_radius = None if disc_radius is None else float(disc_radius)
         self.feature_proj: nn.Linear | None = None
         if feature_dim is not None:
             if isinstance(feature_dim, bool) or not isinstance(feature_dim, int) \
@@ -171,6 +188,13 @@ class EquiVisionTransformer(VisionTransformer):
             return tuple(self.patch_embed.dynamic_feat_size(x.shape[-2:]))
         return tuple(self.patch_embed.grid_size)
 
+    def _kept_tokens(self, grid: tuple[int, int], device: torch.device) -> torch.Tensor | None:
+        """Sequence positions of the prefix tokens and the patches inside the disc
+        (``None``: every token is kept)."""
+        if self.disc_radius is None:
+            return None
+        return disc_token_indices(grid, self.disc_radius, self.num_prefix_tokens, device)
+
     def _with_attn_bias(self, x: torch.Tensor,
                         attn_mask: torch.Tensor | None) -> torch.Tensor | None:
         """``attn_mask`` plus the distance bias of ``x``'s token grid (``None``: no bias)."""
@@ -179,7 +203,11 @@ class EquiVisionTransformer(VisionTransformer):
         if self.training and self.patch_drop is not None \
                 and not isinstance(self.patch_drop, nn.Identity):
             raise NotImplementedError("patch dropout with attn_bias='distance'")
-        bias = self.attn_bias(self._grid_size(x), self.num_prefix_tokens).to(x.dtype)
+        grid = self._grid_size(x)
+        bias = self.attn_bias(grid, self.num_prefix_tokens).to(x.dtype)
+        kept = self._kept_tokens(grid, bias.device)
+        if kept is not None:
+            bias = bias[..., kept, :][..., kept]
         if attn_mask is None:
             return bias
         if attn_mask.dtype == torch.bool:
@@ -194,24 +222,31 @@ class EquiVisionTransformer(VisionTransformer):
 
     def forward_intermediates(self, x: torch.Tensor, *args: Any,
                               attn_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
-        """timm's ``forward_intermediates`` with the distance bias (when there is one)."""
+        """timm's ``forward_intermediates`` with the distance bias (when there is one). With
+        ``disc_radius`` the kept tokens do not fill a grid: ask for ``output_fmt="NLC"``."""
+        output_fmt = kwargs.get("output_fmt", args[4] if len(args) > 4 else "NCHW")
+        if self.disc_radius is not None and output_fmt == "NCHW":
+            raise ValueError("forward_intermediates: a model with disc_radius keeps only the "
+                             "tokens inside the disc, which do not form an NCHW grid; pass "
+                             "output_fmt='NLC'")
         return super().forward_intermediates(
             x, *args, attn_mask=self._with_attn_bias(x, attn_mask), **kwargs)
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        # NHWC from a dynamic-size patch embedding, else (B, N, D) on the fixed grid.
+        grid = (x.shape[1], x.shape[2]) if x.dim() == 4 else tuple(self.patch_embed.grid_size)
         if self.radial_pos_embed is None:
-            return super()._pos_embed(x)
-        if x.dim() == 4:  # NHWC from a dynamic-size patch embedding
-            grid = (x.shape[1], x.shape[2])
-            x = x.reshape(x.shape[0], -1, x.shape[-1])
+            x = super()._pos_embed(x)
         else:
-            grid = self.patch_embed.grid_size
-        x = x + self.radial_pos_embed(grid).to(x.dtype)
-        prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.reg_token)
-                  if t is not None]
-        if prefix:
-            x = torch.cat(prefix + [x], dim=1)
-        return self.pos_drop(x)
+            x = x.reshape(x.shape[0], -1, x.shape[-1])
+            x = x + self.radial_pos_embed(grid).to(x.dtype)
+            prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.reg_token)
+                      if t is not None]
+            if prefix:
+                x = torch.cat(prefix + [x], dim=1)
+            x = self.pos_drop(x)
+        kept = self._kept_tokens(grid, x.device)
+        return x if kept is None else x[:, kept]
 
 
 def model_config(variant: str, size: str, **overrides: Any) -> dict[str, Any]:
@@ -219,7 +254,7 @@ def model_config(variant: str, size: str, **overrides: Any) -> dict[str, Any]:
 
     Args:
         variant: one of :data:`VARIANTS` (``"equivit"``, ``"equivit_ri"``, ``"equivit_rid"``,
-            ``"equivit_ric"``, ``"convvit"``, ``"vit"``).
+            ``"equivit_ric"``, ``"equivit_disc"``, ``"convvit"``, ``"vit"``).
         size: ``"tiny"``, ``"small"`` or ``"base"``.
         **overrides: any constructor argument (``num_classes``, ``img_size``...).
     """

@@ -14,6 +14,10 @@ Registered (``timm.create_model(name)`` once ``equivit_plugin`` and timm are imp
   instead of the single stride-16 projection, and two transformer blocks fewer to pay for it:
   invariant at 90-degree steps, and more robust off the 90-degree grid and to sub-patch shifts
   than ViT at about its cost.
+* ``equivit_disc_{tiny,small,base}_patch16_224``: as ``equivit_ric``, attending and pooling
+  only over the patches inside the tile's inscribed disc (156 of 196 tokens), the one part of a
+  tile that every rotation shows: still exactly invariant at 90-degree steps, steadier at other
+  angles, and cheaper.
 * ``convvit_{tiny,small,base}_patch16_224``: the same two-layer stem with plain convolutions
   (the paper's "Conv2D ViT" baseline). timm's own ``vit_*`` is the standard ViT.
 
@@ -53,7 +57,8 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
 
 default_cfgs = generate_default_cfgs({
     f"{variant}_{size}_patch16_224": _cfg()
-    for variant in ("equivit", "equivit_ri", "equivit_rid", "equivit_ric", "convvit")
+    for variant in ("equivit", "equivit_ri", "equivit_rid", "equivit_ric", "equivit_disc",
+                    "convvit")
     for size in ("tiny", "small", "base")
 })
 
@@ -135,6 +140,27 @@ def equivit_ric_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> nn
 def equivit_ric_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """Equi-ViT-RIC-B/16: equivariant conv stem, radial position, distance attention bias."""
     return _create("equivit_ric_base_patch16_224", pretrained, "equivit_ric", "base", **kwargs)
+
+
+@register_model
+def equivit_disc_tiny_patch16_224(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """Equi-ViT-Disc-Ti/16: Equi-ViT-RIC over the tokens of the inscribed disc."""
+    return _create("equivit_disc_tiny_patch16_224", pretrained, "equivit_disc", "tiny",
+                   **kwargs)
+
+
+@register_model
+def equivit_disc_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """Equi-ViT-Disc-S/16: Equi-ViT-RIC over the tokens of the inscribed disc."""
+    return _create("equivit_disc_small_patch16_224", pretrained, "equivit_disc", "small",
+                   **kwargs)
+
+
+@register_model
+def equivit_disc_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """Equi-ViT-Disc-B/16: Equi-ViT-RIC over the tokens of the inscribed disc."""
+    return _create("equivit_disc_base_patch16_224", pretrained, "equivit_disc", "base",
+                   **kwargs)
 
 
 @register_model
