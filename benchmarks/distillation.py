@@ -21,11 +21,11 @@ augmentation). Then, in one run:
 Results go to ``--out`` (default ``benchmarks/results``): ``distillation.{json,md}`` and
 ``distillation_report/rotation_report.{json,png}``; runs stay in ``--runs`` (git-ignored).
 
-Commands, from the repository root (45 minutes on 2 cores when nothing else runs: 7 per student,
-15 for the rotation report, most of it teacher + D4)::
+Commands, from the repository root (about 55 minutes on 2 cores when nothing else runs: 7-8
+per student, 15 for the rotation report, most of it teacher + D4)::
 
     .venv/bin/python benchmarks/distillation.py
-    .venv/bin/python benchmarks/distillation.py --students equivit_ric_tiny_patch16_224 --epochs 4
+    .venv/bin/python benchmarks/distillation.py --students equivit_disc_tiny_patch16_224 --epochs 4
 """
 
 from __future__ import annotations
@@ -61,8 +61,8 @@ from equivit_plugin.models import (  # noqa: E402
 from equivit_plugin.robustness import rotation_report  # noqa: E402
 
 REPO = robustness.REPO
-STUDENTS = ("equivit_ric_tiny_patch16_224", "equivit_rid_tiny_patch16_224",
-            "equivit_ri_tiny_patch16_224")
+STUDENTS = ("equivit_disc_tiny_patch16_224", "equivit_ric_tiny_patch16_224",
+            "equivit_rid_tiny_patch16_224", "equivit_ri_tiny_patch16_224")
 ANGLES = (0.0, 15.0, 30.0, 45.0, 60.0, 75.0, 90.0, 180.0)
 OFF_GRID = tuple(a for a in ANGLES if a % 90)
 TEACHER_RUN = "vit_tiny"

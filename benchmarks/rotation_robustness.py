@@ -86,9 +86,13 @@ CANDIDATES: dict[str, Candidate] = {
     "equivit_ric_tiny": Candidate(
         "equivit_ric_tiny (conv stem 4 x 4/2 + distance bias, mean-pooled, 10 blocks)",
         "equivit_ric_tiny_patch16_224"),
+    "equivit_disc_tiny": Candidate(
+        "equivit_disc_tiny (equivit_ric over the inscribed disc: 156 of 196 tokens, disc norms)",
+        "equivit_disc_tiny_patch16_224"),
 }
-"""Run directory name -> candidate. ``equivit_rid_tiny`` and ``equivit_ric_tiny`` are the
-architectures of the registered ``equivit_rid_tiny_patch16_224`` / ``equivit_ric_tiny_...``."""
+"""Run directory name -> candidate. ``equivit_rid_tiny``, ``equivit_ric_tiny`` and
+``equivit_disc_tiny`` are the architectures of the registered ``equivit_rid_tiny_patch16_224``,
+``equivit_ric_tiny_...`` and ``equivit_disc_tiny_...``."""
 
 BASELINE = "vit_tiny"
 

@@ -43,7 +43,7 @@ from equivit_plugin.models import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-STUDENT = "equivit_ric_tiny_patch16_224"
+STUDENT = "equivit_disc_tiny_patch16_224"  # the default student's architecture
 TEACHER_KWARGS = {"num_classes": 3, "img_size": 224, "depth": 1, "embed_dim": 96,
                   "num_heads": 3}
 SLIDE = "slides/CMU-1-Small-Region.svs"

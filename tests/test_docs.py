@@ -41,7 +41,7 @@ def test_python_examples_run(page: str, shared_data: Path, tmp_path: Path,
         assert (tmp_path / "report" / "rotation_report.png").is_file()
         assert len(namespace["figure"].axes) == 3
     if page == "distillation.md":
-        assert "equivit_ric_tiny_patch16_224 192 teacher" in printed
+        assert "equivit_disc_tiny_patch16_224 192 teacher" in printed
         result = namespace["result"]
         assert result.n_train + result.n_val == 16 and 0 < result.fidelity <= 1
         assert (tmp_path / "student.pt").is_file()

@@ -17,7 +17,7 @@ from ..utils.arguments import checked_integer, checked_positive_float
 __all__ = ["DEFAULT_MAX_SHIFT", "DEFAULT_STRIDE", "DEFAULT_STUDENT", "DistillError",
            "DistillSettings", "TISSUE_MASKS", "work_dir_for"]
 
-DEFAULT_STUDENT = "equivit_rid_small_patch16_224"
+DEFAULT_STUDENT = "equivit_disc_small_patch16_224"
 """The student when none is named: ``models.DEFAULT_STUDENT_VARIANT`` at size small (the
 measured choice, ``docs/distillation.md``)."""
 DEFAULT_MPP = 0.5

@@ -23,7 +23,7 @@ def build_student(name: str, teacher_dim: int, img_size: int, *,
     TIAToolbox adapter and the rotation report read - gives teacher-space features.
 
     Args:
-        name: registered student name (``equivit_rid_small_patch16_224``...).
+        name: registered student name (``equivit_disc_small_patch16_224``...).
         teacher_dim: width ``D`` of the teacher's pooled embedding.
         img_size: the student's input side (the teacher's).
         teacher: start the student's transformer blocks (and norms, class token) from this

@@ -4,7 +4,7 @@ Turning a square tile by an angle that is not a multiple of 90 degrees brings ne
 its corners and takes some out; only the inscribed disc shows the same tissue at every angle.
 A model that attends and pools over the tokens inside that disc (156 of 196 on a 14 x 14 grid,
 :func:`disc_token_indices`) and whose stem normalises with statistics of the disc only
-(:class:`DiscGroupNorm`) is not moved by what the corners show, and costs less. The disc is
+(:class:`DiscGroupNorm`) is not moved by what the corners show. The disc is
 centred on the grid centre, so a 90-degree rotation or a flip of a square grid maps it onto
 itself: exact invariance to those is kept.
 """

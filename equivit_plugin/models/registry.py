@@ -16,8 +16,8 @@ Registered (``timm.create_model(name)`` once ``equivit_plugin`` and timm are imp
   than ViT at about its cost.
 * ``equivit_disc_{tiny,small,base}_patch16_224``: as ``equivit_ric``, attending and pooling
   only over the patches inside the tile's inscribed disc (156 of 196 tokens), the one part of a
-  tile that every rotation shows: still exactly invariant at 90-degree steps, steadier at other
-  angles, and cheaper.
+  tile that every rotation shows: still exactly invariant at 90-degree steps, and much steadier
+  at other angles (the default distillation student).
 * ``convvit_{tiny,small,base}_patch16_224``: the same two-layer stem with plain convolutions
   (the paper's "Conv2D ViT" baseline). timm's own ``vit_*`` is the standard ViT.
 
