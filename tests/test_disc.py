@@ -134,3 +134,16 @@ def test_equivit_disc_intermediates_checkpoint_and_arguments(tmp_path) -> None:
         timm.create_model(NAME, disc_radius=-1)
     with pytest.raises(ValueError, match="not both"):
         GMRConvStemEmbed(embed_dim=16, norm_disc_radius=1.0, stem_norm_layer=nn.BatchNorm2d)
+
+
+def test_equivit_disc_trains_after_a_first_call_under_inference_mode() -> None:
+    """The disc's indices and weights are cached per grid: a first call under
+    ``torch.inference_mode()`` must not leave tensors that a training step cannot use."""
+    # A 6 x 6 grid, which no other test uses, so the cache starts empty here.
+    model = timm.create_model(NAME, num_classes=2, depth=1, img_size=96)
+    x = torch.randn(2, 3, 96, 96)
+    with torch.inference_mode():
+        model.eval()(x)
+    loss = model.train()(x).square().mean()
+    loss.backward()
+    assert model.patch_embed.proj.norms[0].weight.grad is not None

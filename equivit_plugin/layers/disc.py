@@ -44,8 +44,11 @@ def disc_token_mask(grid_size: tuple[int, int], radius: float) -> torch.Tensor:
 
 @lru_cache(maxsize=32)
 def _indices(grid_size: tuple[int, int], radius: float, num_prefix_tokens: int) -> torch.Tensor:
-    kept = disc_token_mask(grid_size, radius).nonzero().flatten() + num_prefix_tokens
-    return torch.cat([torch.arange(num_prefix_tokens), kept])
+    # Cached across calls: built outside inference mode, or a first call under
+    # torch.inference_mode() would leave an inference tensor that training may not use.
+    with torch.inference_mode(False):
+        kept = disc_token_mask(grid_size, radius).nonzero().flatten() + num_prefix_tokens
+        return torch.cat([torch.arange(num_prefix_tokens), kept])
 
 
 def disc_token_indices(grid_size: tuple[int, int], radius: float, num_prefix_tokens: int = 0,
@@ -62,7 +65,8 @@ def disc_token_indices(grid_size: tuple[int, int], radius: float, num_prefix_tok
 
 @lru_cache(maxsize=32)
 def _weights(grid_size: tuple[int, int], radius: float) -> torch.Tensor:
-    return disc_token_mask(grid_size, radius).float()
+    with torch.inference_mode(False):  # cached: see _indices
+        return disc_token_mask(grid_size, radius).float()
 
 
 class DiscGroupNorm(nn.GroupNorm):
