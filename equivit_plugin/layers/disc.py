@@ -63,12 +63,6 @@ def disc_token_indices(grid_size: tuple[int, int], radius: float, num_prefix_tok
                     int(num_prefix_tokens)).to(device)
 
 
-@lru_cache(maxsize=32)
-def _weights(grid_size: tuple[int, int], radius: float) -> torch.Tensor:
-    with torch.inference_mode(False):  # cached: see _indices
-        return disc_token_mask(grid_size, radius).float()
-
-
 class DiscGroupNorm(nn.GroupNorm):
     """``GroupNorm`` whose mean and variance are taken over the positions inside the feature
     map's inscribed disc only (:func:`disc_token_mask` of its ``(H, W)``); every position is
@@ -89,13 +83,15 @@ class DiscGroupNorm(nn.GroupNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        inside = _weights((h, w), self.radius).to(device=x.device, dtype=x.dtype)
-        grouped = x.reshape(b, self.num_groups, c // self.num_groups, h * w)
-        count = inside.sum() * (c // self.num_groups)
-        mean = (grouped * inside).sum((2, 3), keepdim=True) / count
-        var = ((grouped - mean).square() * inside).sum((2, 3), keepdim=True) / count
-        x = ((grouped - mean) * torch.rsqrt(var + self.eps)).reshape(b, c, h, w)
-        return x * self.weight[:, None, None] + self.bias[:, None, None]
+        inside = disc_token_indices((h, w), self.radius, device=x.device)
+        grouped = x.reshape(b, self.num_groups, -1, h * w)[..., inside]
+        var, mean = torch.var_mean(grouped, dim=(2, 3), unbiased=False)
+        # Normalisation and affine as one per-(sample, channel) scale and shift: a single
+        # pass over the full-resolution stem map.
+        per_group = c // self.num_groups
+        scale = torch.rsqrt(var + self.eps).repeat_interleave(per_group, 1) * self.weight
+        shift = self.bias - mean.repeat_interleave(per_group, 1) * scale
+        return torch.addcmul(shift[:, :, None, None], x, scale[:, :, None, None])
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, radius={self.radius}"
