@@ -371,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         loaded[name.replace("_patch16_224", "") + " (student)"] = (
             net, dataclasses.replace(info, source=name.replace("_patch16_224", "")
                                      + " (student)"))
-    normalisation = {label: input_normalisation(net, info)
+    normalisation = {label: input_normalisation(info)
                      for label, (net, info) in loaded.items()}
     evaluation = evaluate({label: (net, *normalisation[label])
                            for label, (net, _) in loaded.items()})

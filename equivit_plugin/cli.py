@@ -57,7 +57,7 @@ from .robustness.config import (
 from .robustness.config import DEFAULT_BATCH_SIZE as DEFAULT_REPORT_BATCH_SIZE
 from .utils.precision import PRECISIONS
 
-__all__ = ["build_parser", "cli_message", "format_report_table", "main"]
+__all__ = ["build_parser", "cli_message", "format_encoders", "format_report_table", "main"]
 
 EXIT_OK, EXIT_FAILED_SLIDES, EXIT_USAGE = 0, 1, 2
 
@@ -102,16 +102,23 @@ def _add_input_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", dest="out_dir", required=True, metavar="DIR",
                         help="output folder")
     parser.add_argument("--model", default=None,
-                        help=f"registered timm model name (random weights: a warning says so) "
-                             f"or a checkpoint written by equivit_plugin.models.save_checkpoint "
-                             f"(default: {DEFAULT_MODEL}; with --demo: the bundle's demo "
-                             f"checkpoint)")
+                        help=f"a foundation model by name with --weights (uni_v1, virchow2, "
+                             f"kaiko-vits16...: `equivit encoders` lists them), a checkpoint "
+                             f"written by equivit_plugin.models.save_checkpoint (a distilled "
+                             f"student...), or a registered timm model name (random weights: a "
+                             f"warning says so) (default: {DEFAULT_MODEL}; with --demo: the "
+                             f"bundle's demo checkpoint)")
+    parser.add_argument("--weights", default=None, metavar="PATH",
+                        help="the foundation model's released weights: its file "
+                             "(pytorch_model.bin...) or folder (transformers models: the folder "
+                             "with config.json)")
     parser.add_argument("--mpp", type=_positive_float, default=DEFAULT_MPP,
                         help="target resolution in micrometres per pixel (0.5 = 20x)")
     parser.add_argument("--slide-mpp", type=_positive_float, default=None,
                         help="resolution of slides without resolution metadata (PNG/JPEG...)")
-    parser.add_argument("--patch-size", type=_positive_int, default=DEFAULT_PATCH_SIZE,
-                        help="tile side in pixels at --mpp (the model's input size)")
+    parser.add_argument("--patch-size", type=_positive_int, default=None,
+                        help=f"tile side in pixels at --mpp, the model's input size (default: "
+                             f"the model's; {DEFAULT_PATCH_SIZE} for a registered timm name)")
     parser.add_argument("--stride", type=_positive_int, default=None,
                         help="grid step in pixels at --mpp (default: --patch-size)")
     parser.add_argument("--tissue-mask", choices=TISSUE_MASKS, default=TISSUE_MASKS[0],
@@ -148,9 +155,12 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 def _flags(parser: argparse.ArgumentParser) -> dict[str, str]:
     """Python argument name -> how the command line spells it (``patch_size`` ->
     ``--patch-size``, ``slides`` -> ``SLIDES:``)."""
-    return {action.dest: action.option_strings[0] if action.option_strings
-            else f"{action.metavar}:" for action in parser._actions
-            if action.dest != "help"}
+    flags: dict[str, str] = {}
+    for action in parser._actions:
+        if action.dest != "help":  # the first option of a shared dest (--model, not --weights)
+            flags.setdefault(action.dest, action.option_strings[0] if action.option_strings
+                             else f"{action.metavar}:")
+    return flags
 
 
 def cli_message(message: str, flags: Mapping[str, str]) -> str:
@@ -187,9 +197,9 @@ def _usage_error(parser: argparse.ArgumentParser, message: str, usage: bool = Fa
 
 
 def _extract_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    names = ("mpp", "slide_mpp", "patch_size", "stride", "tissue_mask", "min_tissue",
-             "batch_size", "workers", "device", "precision", "dtype", "also_pt", "overwrite",
-             "d4_average", "seed", "verbose")
+    names = ("weights", "mpp", "slide_mpp", "patch_size", "stride", "tissue_mask",
+             "min_tissue", "batch_size", "workers", "device", "precision", "dtype", "also_pt",
+             "overwrite", "d4_average", "seed", "verbose")
     return {name: getattr(args, name) for name in names}
 
 
@@ -245,12 +255,16 @@ def _add_rotation_report(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("slides", nargs="+", metavar="SLIDES",
                         help="slide files, directories, glob patterns, or .txt/.csv lists of "
                              "paths (CSV: column 'path' or 'slide', else the first)")
-    parser.add_argument("--model", dest="models", action="append", default=None,
+    parser.add_argument("--model", dest="models", action=_AppendModel, default=None,
                         metavar="MODEL",
-                        help=f"registered timm model name (random weights: a warning says so) "
-                             f"or a checkpoint written by equivit_plugin.models.save_checkpoint;"
-                             f" repeat to compare models side by side (default: "
+                        help=f"a foundation model by name (followed by its --weights), a "
+                             f"checkpoint written by equivit_plugin.models.save_checkpoint, or a "
+                             f"registered timm model name (random weights: a warning says so); "
+                             f"repeat to compare models side by side (default: "
                              f"{DEFAULT_MODEL})")
+    parser.add_argument("--weights", dest="models", action=_AttachWeights, metavar="PATH",
+                        help="the released weights (file or folder) of the foundation model "
+                             "named by the --model just before it")
     parser.add_argument("--out", dest="out_dir", required=True, metavar="DIR",
                         help="output folder")
     parser.add_argument("--regions", dest="n_regions", type=_positive_int,
@@ -288,6 +302,30 @@ def _add_rotation_report(subparsers: argparse._SubParsersAction) -> None:
                                           "(regions are 2 tiles wide; 2 = disjoint)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(handler=_run_rotation_report, parser=parser)
+
+
+class _AppendModel(argparse.Action):
+    """``--model X``: one more model of the report (a string, or ``[name, weights]`` once a
+    ``--weights`` follows it)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        models = list(getattr(namespace, self.dest) or [])
+        models.append(values)
+        setattr(namespace, self.dest, models)
+
+
+class _AttachWeights(argparse.Action):
+    """``--weights W``: the weights of the ``--model`` just before it."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        models = list(getattr(namespace, self.dest) or [])
+        if not models or not isinstance(models[-1], str):
+            parser.error("--weights must follow the --model it belongs to (--model uni_v1 "
+                         "--weights pytorch_model.bin)")
+        models[-1] = (models[-1], values)
+        setattr(namespace, self.dest, models)
 
 
 def _number_cell(value: float | None) -> str:
@@ -366,7 +404,11 @@ def _add_distill(subparsers: argparse._SubParsersAction) -> None:
             "torchrun, one process per GPU (see docs/distillation.md)."),
         formatter_class=_HelpFormatter)
     parser.add_argument("--teacher", required=True, metavar="MODEL",
-                        help="registered timm name, hf-hub:owner/model, or a checkpoint")
+                        help="a foundation model by name with --teacher-weights (uni_v1, "
+                             "kaiko-vits16...: `equivit encoders`), a checkpoint, a registered "
+                             "timm name, or hf-hub:owner/model")
+    parser.add_argument("--teacher-weights", default=None, metavar="PATH",
+                        help="the teacher's released weights (file or folder)")
     parser.add_argument("--student", default=DEFAULT_STUDENT, metavar="NAME",
                         help="registered Equi-ViT name of the student")
     parser.add_argument("--tiles", nargs="+", default=[], metavar="DIR",
@@ -431,7 +473,8 @@ def _run_distill(args: argparse.Namespace) -> int:
     from .distill.config import DistillError, DistillSettings
 
     parser: argparse.ArgumentParser = args.parser
-    names = ("teacher", "student", "tiles", "slides", "out", "work_dir", "targets_cache",
+    names = ("teacher", "teacher_weights", "student", "tiles", "slides", "out", "work_dir",
+             "targets_cache",
              "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "cosine_weight",
              "regression_weight", "max_shift", "init_from_teacher", "val_fraction",
              "max_tiles", "target_mpp", "slide_mpp", "stride", "tissue_mask", "min_tissue",
@@ -458,6 +501,93 @@ def _run_distill(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_encoders(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "encoders",
+        help="list the foundation models that --model, --teacher and load_model take by name",
+        description=(
+            "The pathology foundation models known by name (TRIDENT's names), each built, "
+            "normalised and pooled as its own card and code say. Give the name with the "
+            "weights you downloaded: equivit extract-features SLIDES --model uni_v1 --weights "
+            "pytorch_model.bin. With NAME: every setting of that model and where it was read."),
+        formatter_class=_HelpFormatter)
+    parser.add_argument("name", nargs="?", default=None, metavar="NAME",
+                        help="show one model's whole entry")
+    parser.add_argument("--format", choices=("text", "markdown", "json"), default="text",
+                        help="the table as text, as Markdown (docs) or as JSON")
+    parser.set_defaults(handler=_run_encoders, parser=parser)
+
+
+def format_encoders(format: str = "text") -> str:
+    """The registry as a table (``"text"``/``"markdown"``) or JSON: name, embedding width,
+    input size, resolution, embedding rule, normalisation, layout, licence, weights."""
+    import json
+
+    from .models.encoders import encoder_names, get_encoder
+
+    specs = [get_encoder(name) for name in encoder_names()]
+    if format == "json":
+        return json.dumps({spec.name: {**spec.describe(), "title": spec.title,
+                                       "licence": spec.licence,
+                                       "weights_url": spec.weights_url,
+                                       "sources": spec.sources, "notes": spec.notes,
+                                       "requires": spec.requires} for spec in specs},
+                          indent=2)
+    headers = ["name", "model", "D", "input", "mpp", "embedding", "mean / std", "weights",
+               "licence"]
+    rows = [[spec.name, spec.title, str(spec.embed_dim), f"{spec.input_size}",
+             f"{spec.mpp:g}", spec.embedding, spec.normalisation_label,
+             spec.layout + (f" ({spec.requires.split()[0]})" if spec.requires else ""),
+             spec.licence] for spec in specs]
+    if format == "markdown":
+        lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+        lines += ["| " + " | ".join([f"`{row[0]}`", *row[1:]]) + " |" for row in rows]
+        return "\n".join(lines)
+    rows = [row[:1] + row[2:7] + row[8:] for row in rows]
+    headers = headers[:1] + headers[2:7] + headers[8:]
+    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
+    table = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
+             for row in [headers, *rows]]
+    width = max(len(spec.name) for spec in specs)
+    where = [f"  {spec.name.ljust(width)}  {spec.weights_url}"
+             + (f"; needs {spec.requires}" if spec.requires else "") for spec in specs]
+    return "\n".join([*table, "", "where to get the weights (then --model NAME --weights PATH):",
+                      *where])
+
+
+def _run_encoders(args: argparse.Namespace) -> int:
+    from .models.encoders import EMBEDDING_RULES, LAYOUTS, get_encoder
+
+    if args.name is None:
+        print(format_encoders(args.format))
+        return EXIT_OK
+    try:
+        spec = get_encoder(args.name)
+    except KeyError as error:
+        return _usage_error(args.parser, str(error.args[0]))
+    kwargs = ", ".join(f"{k}={v}" for k, v in spec.kwargs.items()) or "-"
+    config = ", ".join(f"{k}={v!r}" for k, v in spec.config.items())
+    lines = [
+        f"{spec.name}: {spec.title}",
+        f"  architecture   {spec.architecture}" + (f" ({kwargs})" if spec.kwargs else ""),
+        *([f"  config.json    {config}"] if config else []),
+        f"  released as    {LAYOUTS[spec.layout]}",
+        f"  weights        {spec.weights_url}",
+        *([f"  needs          {spec.requires}"] if spec.requires else []),
+        f"  embedding      {spec.embedding}: {EMBEDDING_RULES[spec.embedding]} -> "
+        f"{spec.embed_dim} dims ({spec.num_prefix_tokens} prefix tokens)",
+        f"  normalisation  mean {list(spec.mean)}, std {list(spec.std)}",
+        f"  input          {spec.input_size} px at {spec.mpp:g} um/px (patch {spec.patch_size})",
+        f"  licence        {spec.licence}",
+        f"  sources        {spec.sources}",
+        *([f"  note           {spec.notes}"] if spec.notes else []),
+        f"  use            equivit extract-features SLIDES --model {spec.name} --weights PATH "
+        f"--out DIR",
+    ]
+    print("\n".join(lines))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``equivit`` argument parser with its subcommands."""
     parser = argparse.ArgumentParser(
@@ -466,6 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_extract_features(subparsers)
     _add_rotation_report(subparsers)
     _add_distill(subparsers)
+    _add_encoders(subparsers)
     return parser
 
 

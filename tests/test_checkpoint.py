@@ -114,7 +114,7 @@ def test_hub_names_are_sources_and_fail_in_one_line_without_internet(
 
     assert unknown_source_reason("hf-hub:owner/model") is None
     assert unknown_source_reason("vit_tiny_patch16_224") is None
-    assert "neither a registered timm model" in unknown_source_reason("no_such_model")
+    assert "is neither a foundation model" in unknown_source_reason("no_such_model")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network here either way: fail at once
     with pytest.raises(ModelLoadError, match="cannot load it from the Hugging Face Hub"):
         load_model("hf-hub:equivit/no-such-model")

@@ -419,7 +419,7 @@ def test_torchrun_two_ranks_share_targets_and_training(teacher_ckpt: Path, tile_
 
 
 @pytest.mark.parametrize("args, flag, expected", [
-    (["--teacher", "no_such_model"], "--teacher", "neither a registered timm model"),
+    (["--teacher", "no_such_model"], "--teacher", "a registered timm model"),
     (["--tiles", "/no/such/folder"], "--tiles", "no such folder"),
     (["--student", "no_such_student"], "--student", "not a registered timm model"),
     (["--max-shift", "60"], "--max-shift", "too large"),

@@ -428,7 +428,7 @@ def test_cli_rewrites_python_arguments_as_flags(tmp_path: Path, he_png: Path, ti
                  str(tiny_ckpt), "--patch-size", "256"])
     assert code == 2
     err = capsys.readouterr().err
-    assert f"--patch-size 256 does not match the input size 224 of the checkpoint --model " \
+    assert f"--patch-size 256 does not match the input size 224 of --model " \
            f"'{tiny_ckpt}'" in err and "use --patch-size 224" in err
     assert "patch_size=" not in err and "model=" not in err
     flags = {"slides": "SLIDES:", "patch_size": "--patch-size", "model": "--model"}

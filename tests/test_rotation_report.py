@@ -286,7 +286,7 @@ def test_cli_writes_json_and_plot_with_models_side_by_side(
 
 @pytest.mark.parametrize(("arguments", "expected"), [
     (["{missing}"], "no such file"),
-    (["{slide}", "--model", "not_a_model"], "--model 'not_a_model' is neither a registered"),
+    (["{slide}", "--model", "not_a_model"], "--model 'not_a_model' is neither a foundation model"),
     (["{slide}", "--regions", "5", "--k", "5"], "--k 5 must be smaller than the number of "
                                                  "regions (--regions 5)"),
     (["{slide}", "--regions", "40", "--k", "20", "--region-stride", "2"],

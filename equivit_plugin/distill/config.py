@@ -68,7 +68,9 @@ class DistillSettings:
     """Everything a distillation run needs, checked and normalised on construction.
 
     Attributes:
-        teacher: registered timm name, ``hf-hub:`` name or checkpoint file of the frozen teacher.
+        teacher: the frozen teacher: a foundation model's name (``equivit encoders``; give
+            ``teacher_weights``), a registered timm name, ``hf-hub:`` name or checkpoint file.
+        teacher_weights: the foundation model's released weights (file or folder).
         out: the student checkpoint to write (self-describing, teacher-space features).
         student: registered name of the student (an exactly invariant Equi-ViT).
         tiles: folders of tile images (searched recursively; labels, if any, are ignored).
@@ -98,6 +100,7 @@ class DistillSettings:
 
     teacher: str
     out: Path
+    teacher_weights: Path | None = None
     student: str = DEFAULT_STUDENT
     tiles: tuple[Path, ...] = ()
     slides: tuple[Path, ...] = ()
@@ -136,6 +139,12 @@ class DistillSettings:
             raise DistillError(f"teacher= must name a model or a checkpoint, got "
                                f"{self.teacher!r}", "teacher")
         put("teacher", str(self.teacher))
+        if self.teacher_weights is not None:
+            if not isinstance(self.teacher_weights, (str, os.PathLike)) \
+                    or not str(self.teacher_weights):
+                raise DistillError(f"teacher_weights= must be a file or folder path, got "
+                                   f"{self.teacher_weights!r}", "teacher_weights")
+            put("teacher_weights", Path(self.teacher_weights))
         if not isinstance(self.student, str) or not self.student:
             raise DistillError(f"student= must be a registered model name, got "
                                f"{self.student!r}", "student")

@@ -44,11 +44,11 @@ from ..features.config import ExtractionConfigError
 from ..features.distributed import Ranks, process_group, ranks_from_env, resolve_device
 from ..features.encoder import RandomWeightsWarning
 from ..models import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
+    FoundationEncoder,
     ModelInfo,
     ModelLoadError,
     input_normalisation,
+    is_encoder,
     load_model,
     unknown_source_reason,
 )
@@ -114,10 +114,16 @@ def _load_teacher(settings: DistillSettings) -> tuple[nn.Module, ModelInfo]:
     reason = unknown_source_reason(settings.teacher)
     if reason is not None:
         raise DistillError(f"teacher= {reason}", "teacher")
+    weights = settings.teacher_weights
+    if weights is not None and not is_encoder(settings.teacher):
+        raise DistillError(f"teacher_weights= is for the foundation models of `equivit "
+                           f"encoders` (uni_v1, kaiko-vits16...); teacher= "
+                           f"{settings.teacher!r} is not one", "teacher_weights")
     try:
-        teacher, info = load_model(settings.teacher, seed=settings.seed)
+        teacher, info = load_model(settings.teacher, weights=weights, seed=settings.seed)
     except ModelLoadError as error:
-        raise DistillError(f"teacher= {error}", "teacher") from error
+        argument = "teacher_weights" if weights is not None else "teacher"
+        raise DistillError(f"{argument}= {error}", argument) from error
     if info.random_weights:
         warnings.warn(f"teacher={info.name!r}: no checkpoint given, the teacher's weights are "
                       f"RANDOM (seed {settings.seed}); distil from a trained checkpoint for "
@@ -133,6 +139,18 @@ def _load_teacher(settings: DistillSettings) -> tuple[nn.Module, ModelInfo]:
     for parameter in teacher.parameters():
         parameter.requires_grad_(False)
     return teacher.eval(), info
+
+
+def _initial_blocks(teacher: nn.Module) -> nn.Module | None:
+    """The timm ViT whose blocks can start the student: the teacher itself, a foundation
+    model's timm backbone, or ``None`` (a ``transformers`` backbone: other parameter names)."""
+    if isinstance(teacher, FoundationEncoder):
+        backbone = teacher.timm_backbone
+        if backbone is None:
+            logger.info("the %s teacher is not a timm model: the student starts from random "
+                        "weights", teacher.spec.name)
+        return backbone
+    return teacher
 
 
 def _split(readable: np.ndarray, val_fraction: float, seed: int,
@@ -251,7 +269,7 @@ def distill(settings: DistillSettings | None = None, **kwargs: Any) -> DistillRe
         fingerprint = targets_fingerprint(info, tiles, settings.seed)
         targets_path = settings.targets_cache or default_targets_path(settings.work_dir,
                                                                       fingerprint)
-        teacher_mean, teacher_std = input_normalisation(teacher, info)
+        teacher_mean, teacher_std = input_normalisation(info)
         targets = teacher_targets(
             teacher.to(device), info, tiles, targets_path, fingerprint=fingerprint,
             mean=teacher_mean, std=teacher_std, batch_size=settings.batch_size_targets,
@@ -262,7 +280,7 @@ def distill(settings: DistillSettings | None = None, **kwargs: Any) -> DistillRe
         torch.manual_seed(settings.seed)
         student, model_kwargs, report = build_student(
             settings.student, int(info.embed_dim), int(info.img_size),
-            teacher=teacher.cpu() if settings.init_from_teacher else None)
+            teacher=_initial_blocks(teacher.cpu()) if settings.init_from_teacher else None)
         del teacher
         if report is not None:
             logger.info("student initialised from the teacher: %d tensors loaded",
@@ -284,7 +302,10 @@ def _train(settings: DistillSettings, ranks: Ranks, device: torch.device, amp: b
     work_dir.mkdir(parents=True, exist_ok=True)
     state_path = work_dir / STATE_FILE
     done = _finished_epochs(state_path) if settings.resume else 0
-    views = {"max_shift": settings.max_shift, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+    # The student takes its teacher's inputs: the same normalisation (recorded in its
+    # checkpoint, so every door feeds it the same way).
+    mean, std = input_normalisation(info)
+    views = {"max_shift": settings.max_shift, "mean": mean, "std": std}
     train_set = DistillationViews(tiles, targets.values, train_rows, **views)
     val_set = DistillationViews(tiles, targets.values, val_rows, fixed_seed=settings.seed,
                                 **views)
@@ -315,8 +336,8 @@ def _train(settings: DistillSettings, ranks: Ranks, device: torch.device, amp: b
                f"{prefix}_cosine": _cosine_metric(None, device)}
     extra = {"distilled_from": teacher_identity(info), "feature_space": "teacher",
              "targets": "mean over the 8 rotations/flips of the teacher's pooled embedding",
-             "targets_fingerprint": targets.fingerprint, "mean": list(IMAGENET_MEAN),
-             "std": list(IMAGENET_STD), "max_shift": settings.max_shift,
+             "targets_fingerprint": targets.fingerprint, "mean": list(mean),
+             "std": list(std), "max_shift": settings.max_shift,
              "equivit_plugin_version": __version__, **settings.extra}
     saver = BestCheckpointSaver(settings.out, student, settings.student, None, model_kwargs,
                                 metric_name=metric, mode="max", enabled=main, extra=extra)

@@ -70,10 +70,12 @@ class Targets:
 
 
 def teacher_identity(info: ModelInfo) -> dict[str, Any]:
-    """What identifies a teacher's outputs: architecture, weights, input size."""
+    """What identifies a teacher's outputs: architecture (a foundation model's registry name),
+    weights, input size, embedding rule and input normalisation."""
     return {"name": info.name, "source": info.source, "img_size": int(info.img_size),
             "embed_dim": int(info.embed_dim), "checkpoint_sha256": info.checkpoint_sha256,
-            "random_weights": bool(info.random_weights)}
+            "random_weights": bool(info.random_weights), "embedding": info.embedding,
+            "mean": [float(v) for v in info.mean], "std": [float(v) for v in info.std]}
 
 
 def targets_fingerprint(info: ModelInfo, tiles: DistillTiles, seed: int = 0) -> str:

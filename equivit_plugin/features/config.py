@@ -43,7 +43,8 @@ invariant variant (``equivit_plugin.models.DEFAULT_INVARIANT_VARIANT``) at size 
 DEFAULT_MPP = 0.5
 """Target resolution, micrometres per pixel (20x)."""
 DEFAULT_PATCH_SIZE = 224
-"""Tile side at the target resolution, pixels."""
+"""Tile side at the target resolution, pixels, for a registered timm name (a checkpoint or a
+foundation model sets its own: ``patch_size=None`` takes the model's input size)."""
 DEFAULT_BATCH_SIZE = 64
 """Tiles per forward pass."""
 H5_DIR = "h5_files"
@@ -91,7 +92,8 @@ class ExtractionConfig:
     """Every setting of :func:`~equivit_plugin.features.extract_features`, validated and
     normalised on construction (see that function for the meaning of each).
 
-    After construction ``stride`` and ``workers`` hold their resolved values, ``precision`` is
+    After construction ``workers`` holds its resolved value (``patch_size`` and ``stride``
+    once the model is known: :meth:`set_patch_size`), ``precision`` is
     canonical (``fp32``/``bf16``/``fp16``), ``out_dir`` is a ``Path`` and
     :attr:`slide_paths` is the sorted slide list (:func:`~.slides.resolve_slides`).
 
@@ -102,10 +104,11 @@ class ExtractionConfig:
     slides: str | Path | Sequence[str | Path]
     out_dir: str | Path
     model: str | Path = DEFAULT_MODEL
+    weights: str | Path | None = None
     model_kwargs: Mapping[str, Any] | None = None
     mpp: float = DEFAULT_MPP
     slide_mpp: float | None = None
-    patch_size: int = DEFAULT_PATCH_SIZE
+    patch_size: int | None = None
     stride: int | None = None
     tissue_mask: str = "morphological"
     min_tissue: float = 0.0
@@ -122,10 +125,15 @@ class ExtractionConfig:
     slide_paths: tuple[Path, ...] = field(init=False, default=())
 
     def __post_init__(self) -> None:
-        self.patch_size = _integer("patch_size", self.patch_size, 1)
+        if self.patch_size is not None:
+            self.patch_size = _integer("patch_size", self.patch_size, 1)
         self.batch_size = _integer("batch_size", self.batch_size, 1)
-        self.stride = _integer("stride", self.patch_size if self.stride is None
-                               else self.stride, 1)
+        if self.stride is not None:
+            self.stride = _integer("stride", self.stride, 1)
+        elif self.patch_size is not None:
+            self.stride = self.patch_size
+        if self.weights is not None and not str(self.weights):
+            raise ExtractionConfigError("weights= must be a file or folder path", "weights")
         self.mpp = _positive_float("mpp", self.mpp)
         if self.slide_mpp is not None:
             self.slide_mpp = _positive_float("slide_mpp", self.slide_mpp)
@@ -147,6 +155,14 @@ class ExtractionConfig:
             self.slide_paths = tuple(resolve_slides(self.slides))
         except ValueError as error:
             raise ExtractionConfigError(f"slides= {error}", "slides") from error
+
+    def set_patch_size(self, model_input_size: int) -> None:
+        """Tiles of the model's input size when ``patch_size`` was not given (and the stride
+        that goes with it)."""
+        if self.patch_size is None:
+            self.patch_size = int(model_input_size)
+        if self.stride is None:
+            self.stride = self.patch_size
 
     @property
     def h5_dir(self) -> Path:

@@ -21,7 +21,6 @@ from .config import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_MODEL,
     DEFAULT_MPP,
-    DEFAULT_PATCH_SIZE,
     ExtractionConfig,
 )
 from .distributed import Ranks, gather_summaries, process_group, ranks_from_env, resolve_device
@@ -60,9 +59,11 @@ def run_extraction(config: ExtractionConfig, *, print_summary: bool = True) -> E
     config.prepare_output()
     ranks = ranks_from_env()
     device = resolve_device(config.device, ranks)
-    encoder, info = build_encoder(config.model, patch_size=config.patch_size,
+    encoder, info = build_encoder(config.model, weights=config.weights,
+                                  patch_size=config.patch_size,
                                   model_kwargs=config.model_kwargs,
                                   d4_average=config.d4_average, seed=config.seed)
+    config.set_patch_size(info.img_size)
     warn_random_weights(info, config.seed)
     progress = config.verbose or (sys.stderr.isatty() and ranks.rank == 0)
     job = SlideJob(config=config, encoder=encoder.to(device), info=info, device=device,
@@ -79,10 +80,11 @@ def extract_features(
     out_dir: str | Path,
     *,
     model: str | Path = DEFAULT_MODEL,
+    weights: str | Path | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
     mpp: float = DEFAULT_MPP,
     slide_mpp: float | None = None,
-    patch_size: int = DEFAULT_PATCH_SIZE,
+    patch_size: int | None = None,
     stride: int | None = None,
     tissue_mask: str = "morphological",
     min_tissue: float = 0.0,
@@ -111,11 +113,15 @@ def extract_features(
         slides: slide files, directories, globs, ``.txt``/``.csv`` lists (see
             :func:`~equivit_plugin.features.slides.resolve_slides`).
         out_dir: output folder.
-        model: registered timm name (random weights, with a warning) or checkpoint path.
+        model: a foundation model's name (``equivit encoders``: ``uni_v1``, ``kaiko-vits16``...;
+            give ``weights``), a checkpoint path, or a registered timm name (random weights,
+            with a warning).
+        weights: a foundation model's released weights (file or folder).
         model_kwargs: extra ``timm.create_model`` arguments (e.g. ``{"depth": 1}``).
         mpp: target resolution, micrometres per pixel (0.5 is 20x).
         slide_mpp: resolution of slides without resolution metadata (plain images).
-        patch_size: tile side at ``mpp`` (pixels); must be the model's input size.
+        patch_size: tile side at ``mpp`` (pixels); must be the model's input size (default:
+            the model's input size; 224 for a registered timm name).
         stride: grid step at ``mpp`` (default ``patch_size``: no overlap).
         tissue_mask: ``"morphological"``, ``"otsu"`` (TIAToolbox maskers) or ``"none"``.
         min_tissue: minimum tissue fraction of a kept tile (``0``: any tissue).
@@ -140,7 +146,8 @@ def extract_features(
             message names the argument (``patch_size=``) and ``.argument`` holds it.
     """
     config = ExtractionConfig(
-        slides=slides, out_dir=out_dir, model=model, model_kwargs=model_kwargs, mpp=mpp,
+        slides=slides, out_dir=out_dir, model=model, weights=weights,
+        model_kwargs=model_kwargs, mpp=mpp,
         slide_mpp=slide_mpp, patch_size=patch_size, stride=stride, tissue_mask=tissue_mask,
         min_tissue=min_tissue, batch_size=batch_size, workers=workers, device=device,
         precision=precision, dtype=dtype, also_pt=also_pt, overwrite=overwrite,

@@ -5,7 +5,8 @@ writes them, so both projects' MIL trainers and TRIDENT's slide encoders read it
 
     <out>/h5_files/<slide_stem>.h5
         features   (N, D) float32|float16   attrs: encoder, checkpoint_sha256,
-                                            package_version, precision, d4_average, name
+                                            package_version, precision, d4_average, name,
+                                            embedding, normalisation_mean/_std
         coords     (N, 2) int64             attrs: patch_size, patch_size_level0,
                                             level0_width, level0_height, target_mpp,
                                             target_magnification, level0_mpp,

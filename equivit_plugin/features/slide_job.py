@@ -146,6 +146,8 @@ def _file_attrs(job: SlideJob, opened: OpenedSlide, grid: TileGrid,
         "model_kwargs": settings["model_kwargs"], "random_weights": job.info.random_weights,
         "package_version": __version__, "precision": c.precision,
         "d4_average": job.encoder.d4_average, "name": stem,
+        "embedding": job.info.embedding, "normalisation_mean": list(job.info.mean),
+        "normalisation_std": list(job.info.std),
     }
     return coords_attrs, features_attrs
 
@@ -164,7 +166,7 @@ def _embed_tiles(job: SlideJob, opened: OpenedSlide, coords: np.ndarray,
     for batch in loader:  # uint8 (B, P, P, 3)
         x = batch.to(job.device, non_blocking=True)
         with torch.inference_mode(), autocast(job.device.type, c.precision):
-            features = job.encoder(normalise_batch(x))
+            features = job.encoder(normalise_batch(x, job.info.mean, job.info.std))
         features = features.float().cpu().numpy()
         writer.append(features, coords[done:done + len(features)])
         done += len(features)

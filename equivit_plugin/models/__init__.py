@@ -1,5 +1,6 @@
-"""The Equi-ViT model family, weights, checkpoints, and the one place that builds and loads
-models (:func:`load_model`).
+"""The Equi-ViT model family, the pathology foundation models by name (:mod:`.encoders`,
+:mod:`.foundation`), weights, checkpoints, and the one place that builds and loads models
+(:func:`load_model`).
 
 Importing this package registers the family in timm (:mod:`.registry`, cheap); the names below
 load their modules on first use.
@@ -18,6 +19,11 @@ _LAZY_NAMES = {
     "file_sha256": "checkpoint", "is_checkpoint_path": "checkpoint",
     "load_checkpoint": "checkpoint", "save_checkpoint": "checkpoint",
     "PooledEncoder": "embedding", "pooled_embedding": "embedding",
+    "EMBEDDING_RULES": "encoders", "EncoderSpec": "encoders", "encoder_names": "encoders",
+    "get_encoder": "encoders", "is_encoder": "encoders", "register_encoder": "encoders",
+    "RANDOM_WEIGHTS": "foundation", "FoundationEncoder": "foundation",
+    "FoundationLoadError": "foundation", "embed_tokens": "foundation",
+    "load_foundation_model": "foundation", "weights_sha256": "foundation",
     "DEFAULT_INVARIANT_VARIANT": "equivit", "DEFAULT_STUDENT_VARIANT": "equivit",
     "DEPTH_CHANGE": "equivit",
     "EMBED_LAYERS": "equivit", "MODEL_SIZES": "equivit",
@@ -34,6 +40,18 @@ _LAZY_NAMES = {
 
 __all__ = [
     "CHECKPOINT_FORMAT_VERSION",
+    "EMBEDDING_RULES",
+    "RANDOM_WEIGHTS",
+    "EncoderSpec",
+    "FoundationEncoder",
+    "FoundationLoadError",
+    "embed_tokens",
+    "encoder_names",
+    "get_encoder",
+    "is_encoder",
+    "load_foundation_model",
+    "register_encoder",
+    "weights_sha256",
     "DEFAULT_INVARIANT_VARIANT",
     "DEFAULT_STUDENT_VARIANT",
     "DEPTH_CHANGE",
@@ -78,6 +96,14 @@ if TYPE_CHECKING:
         save_checkpoint,
     )
     from .embedding import PooledEncoder, pooled_embedding
+    from .encoders import (
+        EMBEDDING_RULES,
+        EncoderSpec,
+        encoder_names,
+        get_encoder,
+        is_encoder,
+        register_encoder,
+    )
     from .equivit import (
         DEFAULT_INVARIANT_VARIANT,
         DEFAULT_STUDENT_VARIANT,
@@ -97,6 +123,14 @@ if TYPE_CHECKING:
         is_hub_name,
         load_model,
         unknown_source_reason,
+    )
+    from .foundation import (
+        RANDOM_WEIGHTS,
+        FoundationEncoder,
+        FoundationLoadError,
+        embed_tokens,
+        load_foundation_model,
+        weights_sha256,
     )
     from .preprocessing import (
         IMAGENET_MEAN,

@@ -1,11 +1,13 @@
 """The one place that builds and loads models, for every door.
 
 A *source* is a registered timm name (``equivit_ri_small_patch16_224``, ``vit_small_patch16_224``
-...: random weights), a Hugging Face Hub name (``hf-hub:owner/model``: timm downloads the
-pretrained weights, so it needs internet) or a self-describing checkpoint
-(:func:`~.checkpoint.save_checkpoint`). In
-goes a source, out come the model and a :class:`ModelInfo` that describes it: class names
-checked against the head, input size, whether the weights are random, the checkpoint's hash.
+...: random weights), a foundation model of :mod:`.encoders` by name with its released weights
+(``load_model("uni_v1", weights="pytorch_model.bin")``), a Hugging Face Hub name
+(``hf-hub:owner/model``: timm downloads the pretrained weights, so it needs internet) or a
+self-describing checkpoint (:func:`~.checkpoint.save_checkpoint`). In goes a source, out come
+the model and a :class:`ModelInfo` that describes it: class names checked against the head,
+input size, the normalisation its inputs need, how a tile's embedding is made, whether the
+weights are random, the weights' hash.
 The MONAI door (``create_network``), the TIAToolbox door (``EquiViT*.create``), the bundle
 configs and the feature pipeline all call :func:`load_model` or :func:`create_model`::
 
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import timm
+import timm.data
 import torch
 from torch import nn
 
@@ -33,6 +36,9 @@ from .checkpoint import (
     is_checkpoint_path,
     load_checkpoint,
 )
+from .encoders import Ref, get_encoder, is_encoder
+from .foundation import RANDOM_WEIGHTS, FoundationLoadError, load_foundation_model, weights_sha256
+from .preprocessing import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["HUB_PREFIXES", "ModelInfo", "ModelLoadError", "create_model", "is_hub_name",
            "load_model", "unknown_source_reason"]
@@ -49,10 +55,12 @@ def is_hub_name(source: str | os.PathLike) -> bool:
 def unknown_source_reason(source: str | os.PathLike) -> str | None:
     """Why ``source`` cannot be a model source (``None`` when it can): for the one-line error
     of a ``--model`` argument, before anything is built."""
-    if is_checkpoint_path(source) or is_hub_name(source) or timm.is_model(str(source)):
+    if is_checkpoint_path(source) or is_hub_name(source) or is_encoder(source) \
+            or timm.is_model(str(source)):
         return None
-    return (f"{str(source)!r} is neither a registered timm model (e.g. "
-            f"equivit_ric_small_patch16_224, vit_small_patch16_224), a Hugging Face Hub name "
+    return (f"{str(source)!r} is neither a foundation model (uni_v1, kaiko-vits16...: "
+            f"`equivit encoders` lists them), a registered timm model (e.g. "
+            f"equivit_disc_small_patch16_224, vit_small_patch16_224), a Hugging Face Hub name "
             f"(hf-hub:owner/model) nor an existing checkpoint file")
 
 
@@ -72,10 +80,19 @@ class ModelInfo:
         img_size: the input side the model was built for, in pixels.
         embed_dim: size ``D`` of the pooled embedding (:func:`~.embedding.pooled_embedding`).
         random_weights: built from a name, so the weights are random (seeded when asked).
-        checkpoint: the checkpoint path, ``""`` for a registered name.
-        checkpoint_sha256: SHA-256 of the checkpoint file, ``""`` for a registered name.
+        checkpoint: the checkpoint path (a foundation model's weights file or folder), ``""``
+            for a registered name.
+        checkpoint_sha256: SHA-256 of the checkpoint (:func:`~.foundation.weights_sha256` for a
+            foundation model's weights), ``""`` for a registered name.
         model_kwargs: the ``timm.create_model`` arguments that rebuild the architecture.
-        extra: the checkpoint's other entries (epoch, metrics...), without the weights.
+        extra: the checkpoint's other entries (epoch, metrics...), without the weights; for a
+            foundation model ``{"encoder": EncoderSpec.describe()}``.
+        mean, std: the normalisation of ``[0, 1]`` RGB inputs the model was trained with
+            (what every door applies): a checkpoint's own (ImageNet's for this package's
+            training), a foundation model's card, timm's config for a name.
+        embedding: how a tile's features are made: ``"pooled"`` (timm's
+            ``forward_head(..., pre_logits=True)``) or a foundation model's rule
+            (:data:`~.encoders.EMBEDDING_RULES`).
     """
 
     name: str
@@ -89,6 +106,9 @@ class ModelInfo:
     checkpoint_sha256: str = ""
     model_kwargs: Mapping[str, Any] = field(default_factory=dict)
     extra: Mapping[str, Any] = field(default_factory=dict)
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    embedding: str = "pooled"
 
     @property
     def class_dict(self) -> dict[int, str] | None:
@@ -167,11 +187,15 @@ def _from_checkpoint(path: Path, *, num_classes: int | None, class_names: Sequen
         check_class_names(class_names, head, f"checkpoint {path}"))
     extra = {k: v for k, v in payload.items()
              if k not in ("model", "model_name", "model_kwargs", "class_names")}
+    # Checkpoints of this package were trained on ImageNet-normalised inputs unless they
+    # record their own statistics (a distilled student records its teacher's).
     info = ModelInfo(name=str(payload["model_name"]), source=str(path), num_classes=head,
                      class_names=tuple(names) if names is not None else None,
                      img_size=saved_size, embed_dim=_embed_dim(net), random_weights=False,
                      checkpoint=str(path), checkpoint_sha256=file_sha256(path),
-                     model_kwargs=kwargs, extra=extra)
+                     model_kwargs=kwargs, extra=extra,
+                     mean=_floats(extra.get("mean", IMAGENET_MEAN)),
+                     std=_floats(extra.get("std", IMAGENET_STD)))
     return net.eval(), info
 
 
@@ -192,14 +216,51 @@ def _from_name(name: str, *, num_classes: int | None, class_names: Sequence[str]
         raise
     except (TypeError, ValueError, AssertionError, RuntimeError) as error:
         raise ModelLoadError(f"{name} cannot be built with {kwargs}: {error}") from error
+    config = timm.data.resolve_data_config({}, model=net)
     info = ModelInfo(name=name, source=name, num_classes=head,
                      class_names=tuple(names) if names is not None else None, img_size=size,
                      embed_dim=_embed_dim(net), random_weights=not is_hub_name(name),
-                     model_kwargs=kwargs)
+                     model_kwargs=kwargs, mean=_floats(config["mean"]),
+                     std=_floats(config["std"]))
     return net.eval(), info
 
 
-def load_model(source: str | os.PathLike, *, num_classes: int | None = None,
+def _floats(values: Sequence[float]) -> tuple[float, ...]:
+    return tuple(float(v) for v in values)
+
+
+def _from_encoder(name: str, weights: str | os.PathLike | None, *, num_classes: int | None,
+                  class_names: Sequence[str] | None, img_size: int | None,
+                  seed: int | None) -> tuple[nn.Module, ModelInfo]:
+    spec = get_encoder(name)
+    if num_classes or class_names:
+        raise ModelLoadError(f"{name} is a feature encoder (no classifier head): it takes no "
+                             f"num_classes or class_names")
+    if img_size is not None and int(img_size) != spec.input_size:
+        raise ModelLoadError(f"{name} embeds {spec.input_size} px tiles, but img_size="
+                             f"{img_size} was asked for")
+    try:
+        with torch.random.fork_rng(devices=[], enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            net = load_foundation_model(spec, weights)
+    except FoundationLoadError as error:
+        raise ModelLoadError(str(error)) from error
+    random = str(weights) == RANDOM_WEIGHTS
+    path = "" if random else str(weights)
+    info = ModelInfo(name=spec.name, source=path or spec.name, num_classes=0,
+                     class_names=None, img_size=spec.input_size, embed_dim=spec.embed_dim,
+                     random_weights=random, checkpoint=path,
+                     checkpoint_sha256="" if random else weights_sha256(weights),
+                     model_kwargs={k: str(v) if isinstance(v, Ref) else v
+                                   for k, v in spec.kwargs.items()},
+                     extra={"encoder": spec.describe()}, mean=spec.mean, std=spec.std,
+                     embedding=spec.embedding)
+    return net, info
+
+
+def load_model(source: str | os.PathLike, *, weights: str | os.PathLike | None = None,
+               num_classes: int | None = None,
                class_names: Sequence[str] | None = None, img_size: int | None = None,
                require_class_names: bool = False, seed: int | None = None,
                map_location: str | torch.device = "cpu",
@@ -207,8 +268,11 @@ def load_model(source: str | os.PathLike, *, num_classes: int | None = None,
     """Build a registered model or load a self-describing checkpoint, in eval mode.
 
     Args:
-        source: a timm registry name (random weights) or a checkpoint path (``.pt``/``.pth``
-            or any existing file; see :func:`~.checkpoint.is_checkpoint_path`).
+        source: a foundation model's name (:mod:`.encoders`: ``uni_v1``, ``kaiko-vits16``...;
+            give ``weights``), a timm registry name (random weights) or a checkpoint path
+            (``.pt``/``.pth`` or any existing file; see :func:`~.checkpoint.is_checkpoint_path`).
+        weights: a foundation model's released weights (a file or a folder; ``"random"``:
+            random weights of its architecture). Only with a foundation model's name.
         num_classes: head size. For a checkpoint it must match the saved head; for a name it
             sets the head (default ``len(class_names)``, else ``0``: pooled features).
         class_names: label names in logit order. For a checkpoint they must equal the saved
@@ -229,7 +293,17 @@ def load_model(source: str | os.PathLike, *, num_classes: int | None = None,
         ModelLoadError: unknown name, missing or foreign checkpoint, or a mismatch between
             what was asked for and what the checkpoint holds (the message names both).
     """
-    if is_checkpoint_path(source):
+    if weights is not None and not is_encoder(str(source)):
+        raise ModelLoadError(f"weights= {str(weights)!r} is for the foundation models of "
+                             f"`equivit encoders` (uni_v1, kaiko-vits16...), not for "
+                             f"{str(source)!r}")
+    if is_encoder(str(source)) and not isinstance(source, os.PathLike):
+        if model_kwargs:
+            raise ModelLoadError(f"{source} is built as its card builds it: it takes no "
+                                 f"model arguments ({sorted(model_kwargs)})")
+        net, info = _from_encoder(str(source), weights, num_classes=num_classes,
+                                  class_names=class_names, img_size=img_size, seed=seed)
+    elif is_checkpoint_path(source):
         net, info = _from_checkpoint(Path(source), num_classes=num_classes,
                                      class_names=class_names, img_size=img_size,
                                      map_location=map_location, overrides=model_kwargs)

@@ -72,9 +72,11 @@ from .regions import Regions, sample_regions
 
 __all__ = ["REFERENCES", "ModelSource", "rotation_report", "summarise"]
 
-ModelSource = str | os.PathLike | tuple[nn.Module, ModelInfo]
-"""A registered timm name (random weights), a checkpoint path, or a built
-``(model, ModelInfo)`` pair (what :func:`~equivit_plugin.models.load_model` returns)."""
+ModelSource = (str | os.PathLike | tuple[str, str | os.PathLike]
+               | tuple[nn.Module, ModelInfo])
+"""A registered timm name (random weights), a checkpoint path, a foundation model with its
+weights (``("uni_v1", "pytorch_model.bin")``), or a built ``(model, ModelInfo)`` pair (what
+:func:`~equivit_plugin.models.load_model` returns)."""
 
 REFERENCES = ("Elphick et al., arXiv 2412.11938 (protocol); Huh et al. 2024, 'The Platonic "
               "Representation Hypothesis' (mutual-kNN similarity)")
@@ -97,18 +99,22 @@ class _Encoder:
 def _load(source: ModelSource, seed: int,
           model_kwargs: Mapping[str, Any]) -> tuple[nn.Module, ModelInfo, str]:
     """``(model, info, source as text)`` for one entry of ``models``."""
+    weights = None
     if isinstance(source, tuple):
-        net, info = source
-        if not isinstance(net, nn.Module) or not isinstance(info, ModelInfo):
-            raise RotationReportError("models= a pair must be (nn.Module, ModelInfo), as "
-                                      "load_model returns it", "models")
-        return net.eval(), info, info.source
+        if len(source) == 2 and isinstance(source[0], nn.Module) \
+                and isinstance(source[1], ModelInfo):
+            return source[0].eval(), source[1], source[1].source
+        if len(source) != 2 or not all(isinstance(v, (str, os.PathLike)) for v in source):
+            raise RotationReportError("models= a pair must be (name, weights) or (nn.Module, "
+                                      "ModelInfo), as load_model returns it", "models")
+        source, weights = source
     text = os.fspath(source)
     reason = unknown_source_reason(text)
     if reason is not None:
         raise RotationReportError(f"models= {reason}", "models")
     try:
-        net, info = load_model(text, seed=seed, **model_kwargs)  # seed: names only
+        net, info = load_model(text, weights=weights, seed=seed,  # seed: names only
+                               **model_kwargs)
     except ModelLoadError as error:
         raise RotationReportError(f"models= {text!r}: {error}", "models") from error
     return net, info, text
@@ -119,7 +125,7 @@ def _encoders(models: ModelSource | Sequence[ModelSource], seed: int,
     """Load every model, label it uniquely and read its preprocessing (timm, and for checkpoints
     of this package the mean and std they were trained with)."""
     single = isinstance(models, (str, os.PathLike)) or (
-        isinstance(models, tuple) and len(models) == 2 and isinstance(models[0], nn.Module))
+        isinstance(models, tuple) and len(models) == 2)
     sources = [models] if single else list(models)
     if not sources:
         raise RotationReportError("models= give at least one model", "models")
@@ -131,7 +137,7 @@ def _encoders(models: ModelSource | Sequence[ModelSource], seed: int,
         while label in {e.label for e in encoders}:
             label, copy = f"{base} ({copy})", copy + 1
         config = dict(timm.data.resolve_data_config({}, model=net))
-        config["mean"], config["std"] = input_normalisation(net, info)
+        config["mean"], config["std"] = input_normalisation(info)
         size = int(info.img_size)
         # timm's pretrained_cfg keeps the registered input size (224) for a model built with
         # img_size=112: the size the model was built for is ModelInfo's.

@@ -33,7 +33,14 @@ from tiatoolbox.models.engine.io_config import IOPatchPredictorConfig
 from tiatoolbox.models.models_abc import ModelABC
 from torch import nn
 
-from ..models import ModelInfo, is_checkpoint_path, load_model, normalise_tile, pooled_embedding
+from ..models import (
+    ModelInfo,
+    is_checkpoint_path,
+    is_encoder,
+    load_model,
+    normalise_tile,
+    pooled_embedding,
+)
 from ..utils.precision import autocast_dtype, canonical_precision
 
 __all__ = ["EquiViTClassifier", "EquiViTEncoder", "FeatureBatch", "make_ioconfig"]
@@ -138,6 +145,19 @@ class _EquiViTAdapter(ModelABC):
         """Hook: the classifier needs a head; the encoder takes any model."""
 
     @classmethod
+    def from_encoder(cls, name: str, weights: str | os.PathLike, *,
+                     adapter_kwargs: Mapping[str, Any] | None = None) -> _EquiViTAdapter:
+        """A foundation model by name (``uni_v1``, ``kaiko-vits16``...: ``equivit encoders``)
+        with its released weights, normalised and pooled as its card says.
+
+        Raises:
+            equivit_plugin.models.ModelLoadError: a file or folder that is not the model's.
+        """
+        net, info = load_model(name, weights=weights)
+        cls._check_head(info)
+        return cls(net, info, **dict(adapter_kwargs or {}))
+
+    @classmethod
     def from_name(cls, model_name: str, num_classes: int | None = None, *,
                   class_names: Sequence[str] | None = None, img_size: int = 224,
                   seed: int | None = None, adapter_kwargs: Mapping[str, Any] | None = None,
@@ -174,21 +194,26 @@ class _EquiViTAdapter(ModelABC):
         return cls(net, info, **dict(adapter_kwargs or {}))
 
     @classmethod
-    def create(cls, source: str | os.PathLike, num_classes: int | None = None,
-               **kwargs: Any) -> _EquiViTAdapter:
-        """:meth:`from_checkpoint` for a path (``.pt``/``.pth`` or an existing file), else
+    def create(cls, source: str | os.PathLike, num_classes: int | None = None, *,
+               weights: str | os.PathLike | None = None, **kwargs: Any) -> _EquiViTAdapter:
+        """:meth:`from_encoder` for a foundation model's name with ``weights``,
+        :meth:`from_checkpoint` for a path (``.pt``/``.pth`` or an existing file), else
         :meth:`from_name`."""
+        if weights is not None or is_encoder(str(source)):
+            if num_classes is not None:
+                raise ValueError(f"{source} is a feature encoder: it takes no num_classes")
+            return cls.from_encoder(str(source), weights, **kwargs)
         if is_checkpoint_path(source):
             return cls.from_checkpoint(source, num_classes, **kwargs)
         return cls.from_name(str(source), num_classes, **kwargs)
 
     # -- TIAToolbox contract -------------------------------------------------------------
-    @staticmethod
-    def preproc(image: np.ndarray) -> np.ndarray:
-        """uint8 ``(H, W, 3)`` -> ImageNet-normalised float32 ``(H, W, 3)``, channels last:
-        the engine collates HWC tiles and ``infer_batch`` transposes
-        (:func:`equivit_plugin.models.normalise_tile`, as the models were trained)."""
-        return normalise_tile(image)
+    def preproc(self, image: np.ndarray) -> np.ndarray:
+        """uint8 ``(H, W, 3)`` -> float32 ``(H, W, 3)`` normalised as the model was trained
+        (``info.mean``/``info.std``: ImageNet's for this package's checkpoints, a foundation
+        model's card), channels last: the engine collates HWC tiles and ``infer_batch``
+        transposes (:func:`equivit_plugin.models.normalise_tile`)."""
+        return normalise_tile(image, self.info.mean, self.info.std)
 
     @staticmethod
     def _run(model: nn.Module, batch_data: np.ndarray | torch.Tensor, device: str) -> torch.Tensor:
