@@ -434,3 +434,150 @@ def test_encoders_command_lists_the_registry(capsys: pytest.CaptureFixture[str])
 def test_docs_table_is_the_registry() -> None:
     text = (REPO / "docs" / "distillation.md").read_text()
     assert format_encoders("markdown") in text
+
+
+# -- the doors: extract-features, distill, rotation-report, TIAToolbox, by name -------------
+
+@pytest.fixture(scope="module")
+def kaiko_weights(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module]:
+    """A random ``vit_small_patch16_224`` state dict saved as ``pytorch_model.bin``: what the
+    issue's bar gives ``--model kaiko-vits16 --weights``."""
+    folder = tmp_path_factory.mktemp("kaiko")
+    torch.manual_seed(11)
+    net = timm.create_model("vit_small_patch16_224", num_classes=0).eval()
+    torch.save(net.state_dict(), folder / "pytorch_model.bin")
+    return folder / "pytorch_model.bin", net
+
+
+def _slide(shared_data: Path) -> Path:
+    return shared_data / "slides" / "CMU-1-Small-Region.svs"
+
+
+def _tiles_from_coords(slide: Path, h5: Path, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``count`` tiles read back from the file's coords (level-0 top-left and
+    ``patch_size_level0``), and all features."""
+    import h5py
+    from tiatoolbox.wsicore.wsireader import WSIReader
+
+    with h5py.File(h5, "r") as handle:
+        features, coords = handle["features"][:], handle["coords"][:]
+        side0 = int(handle["coords"].attrs["patch_size_level0"])
+        side = int(handle["coords"].attrs["patch_size"])
+        mpp = float(handle["coords"].attrs["target_mpp"])
+    reader = WSIReader.open(slide)
+    tiles = [reader.read_bounds((int(x), int(y), int(x) + side0, int(y) + side0),
+                                resolution=mpp, units="mpp")[:side, :side]
+             for x, y in coords[:count]]
+    return np.stack(tiles), features
+
+
+def test_extract_features_by_name_equals_timm_with_the_cards_normalisation(
+        kaiko_weights: tuple[Path, torch.nn.Module], shared_data: Path, tmp_path: Path) -> None:
+    """The issue's bar: 384-wide features equal to timm's class token on the tiles read back
+    from the coords, normalised with 0.5/0.5 (not ImageNet)."""
+    weights, net = kaiko_weights
+    slide = _slide(shared_data)
+    assert main(["extract-features", str(slide), "--model", "kaiko-vits16", "--weights",
+                 str(weights), "--out", str(tmp_path), "--workers", "0"]) == 0
+    h5 = tmp_path / "h5_files" / f"{slide.stem}.h5"
+    tiles, features = _tiles_from_coords(slide, h5, 12)
+    assert features.shape[1] == 384 and len(features) > 12
+    x = (torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 255.0 - 0.5) / 0.5
+    with torch.no_grad():
+        expected = net(x).numpy()
+    np.testing.assert_allclose(features[:12], expected, atol=1e-4, rtol=1e-4)
+    imagenet = (torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 255.0
+                - torch.tensor(IMAGENET[0]).view(3, 1, 1)) / torch.tensor(IMAGENET[1]).view(3, 1, 1)
+    with torch.no_grad():
+        assert np.abs(net(imagenet).numpy() - features[:12]).max() > 1e-2  # it would differ
+    import h5py
+
+    with h5py.File(h5, "r") as handle:
+        attrs = dict(handle["features"].attrs)
+    assert attrs["encoder"] == "kaiko-vits16" and attrs["embedding"] == "cls"
+    np.testing.assert_allclose(attrs["normalisation_mean"], [0.5] * 3)
+
+
+def test_extract_features_bad_weights_is_one_line(shared_data: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "uni.bin"
+    bad.write_bytes(b"\0" * 100)
+    code = main(["extract-features", str(_slide(shared_data)), "--model", "uni_v1",
+                 "--weights", str(bad), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("equivit extract-features: error: --weights") or \
+        err[0].startswith("equivit extract-features: error: --model"), err
+    assert str(bad) in err[0] and "cannot read it as a state dict" in err[0]
+    code = main(["extract-features", str(_slide(shared_data)), "--model", "uni_v1",
+                 "--out", str(tmp_path / "out")])
+    assert code == 2 and "needs --weights" in capsys.readouterr().err
+
+
+def test_distill_from_a_foundation_model_by_name(kaiko_weights: tuple[Path, torch.nn.Module],
+                                                 shared_data: Path, tmp_path: Path) -> None:
+    """``equivit distill --teacher kaiko-vits16 --teacher-weights W`` writes a student that
+    records its teacher (name, embedding rule, normalisation) and that extract-features
+    uses, normalised as the student was trained."""
+    weights, _ = kaiko_weights
+    student = tmp_path / "student.pt"
+    assert main(["distill", "--teacher", "kaiko-vits16", "--teacher-weights", str(weights),
+                 "--tiles", str(shared_data / "crc_tiles"), "--max-tiles", "8",
+                 "--student", "equivit_disc_tiny_patch16_224", "--out", str(student),
+                 "--epochs", "1", "--batch-size", "8", "--workers", "0", "--no-progress",
+                 "--device", "cpu"]) == 0
+    payload = torch.load(student, map_location="cpu", weights_only=True)
+    teacher = payload["distilled_from"]
+    assert (teacher["name"], teacher["embedding"], teacher["mean"], teacher["std"]) == \
+        ("kaiko-vits16", "cls", [0.5] * 3, [0.5] * 3)
+    # the student itself is normalised as it was trained: ImageNet, like every checkpoint of
+    # the package (the bundle fine-tunes it with those inputs)
+    assert payload["mean"] == list(IMAGENET[0]) and payload["model_kwargs"]["feature_dim"] == 384
+    net, info = load_model(student)
+    assert info.mean == IMAGENET[0] and info.embed_dim == 384
+    out = tmp_path / "features"
+    assert main(["extract-features", str(_slide(shared_data)), "--model", str(student),
+                 "--out", str(out), "--workers", "0"]) == 0
+    tiles, features = _tiles_from_coords(_slide(shared_data), out / "h5_files" /
+                                         "CMU-1-Small-Region.h5", 4)
+    x = torch.from_numpy(np.stack([normalise_tile(t) for t in tiles])).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        expected = net.forward_head(net.forward_features(x), pre_logits=True).numpy()
+    np.testing.assert_allclose(features[:4], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_rotation_report_takes_weights_after_their_model(
+        kaiko_weights: tuple[Path, torch.nn.Module], shared_data: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    weights, _ = kaiko_weights
+    assert main(["rotation-report", str(_slide(shared_data)), "--model", "kaiko-vits16",
+                 "--weights", str(weights), "--model", "vit_tiny_patch16_224",
+                 "--out", str(tmp_path), "--regions", "12", "--k", "3", "--angle-step", "90",
+                 "--shifts", "--no-progress"]) == 0
+    report = json.loads((tmp_path / "rotation_report.json").read_text())
+    models = {m["label"]: m for m in report["models"]}
+    assert set(models) == {"kaiko-vits16", "vit_tiny_patch16_224"}
+    assert models["kaiko-vits16"]["data_config"]["mean"] == [0.5] * 3
+    assert models["kaiko-vits16"]["checkpoint_sha256"] is not None
+    capsys.readouterr()
+    assert main(["rotation-report", str(_slide(shared_data)), "--weights", str(weights),
+                 "--out", str(tmp_path)]) == 2
+    assert "--weights must follow the --model" in capsys.readouterr().err
+
+
+def test_tiatoolbox_encoder_by_name_normalises_as_the_card(
+        kaiko_weights: tuple[Path, torch.nn.Module]) -> None:
+    from tiatoolbox.models.engine.deep_feature_extractor import DeepFeatureExtractor
+
+    from equivit_plugin.tiatoolbox import EquiViTEncoder, make_ioconfig
+
+    weights, net = kaiko_weights
+    encoder = EquiViTEncoder.create("kaiko-vits16", weights=weights)
+    rng = np.random.default_rng(2)
+    tiles = rng.integers(0, 256, size=(3, 224, 224, 3), dtype=np.uint8)
+    out = DeepFeatureExtractor(model=encoder, batch_size=3).run(
+        images=tiles, patch_mode=True, ioconfig=make_ioconfig())
+    x = (torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 255.0 - 0.5) / 0.5
+    with torch.no_grad():
+        expected = net(x).numpy()
+    np.testing.assert_allclose(np.asarray(out["features"]), expected, atol=1e-4, rtol=1e-4)

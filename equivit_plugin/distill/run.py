@@ -44,6 +44,8 @@ from ..features.config import ExtractionConfigError
 from ..features.distributed import Ranks, process_group, ranks_from_env, resolve_device
 from ..features.encoder import RandomWeightsWarning
 from ..models import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     FoundationEncoder,
     ModelInfo,
     ModelLoadError,
@@ -302,9 +304,10 @@ def _train(settings: DistillSettings, ranks: Ranks, device: torch.device, amp: b
     work_dir.mkdir(parents=True, exist_ok=True)
     state_path = work_dir / STATE_FILE
     done = _finished_epochs(state_path) if settings.resume else 0
-    # The student takes its teacher's inputs: the same normalisation (recorded in its
-    # checkpoint, so every door feeds it the same way).
-    mean, std = input_normalisation(info)
+    # The student is normalised as every checkpoint of this package is (ImageNet), whatever
+    # its teacher's normalisation (that one is used for the targets and recorded in
+    # distilled_from): so the bundle fine-tunes it with the inputs it was trained on.
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
     views = {"max_shift": settings.max_shift, "mean": mean, "std": std}
     train_set = DistillationViews(tiles, targets.values, train_rows, **views)
     val_set = DistillationViews(tiles, targets.values, val_rows, fixed_seed=settings.seed,

@@ -188,7 +188,7 @@ def _from_checkpoint(path: Path, *, num_classes: int | None, class_names: Sequen
     extra = {k: v for k, v in payload.items()
              if k not in ("model", "model_name", "model_kwargs", "class_names")}
     # Checkpoints of this package were trained on ImageNet-normalised inputs unless they
-    # record their own statistics (a distilled student records its teacher's).
+    # record their own statistics.
     info = ModelInfo(name=str(payload["model_name"]), source=str(path), num_classes=head,
                      class_names=tuple(names) if names is not None else None,
                      img_size=saved_size, embed_dim=_embed_dim(net), random_weights=False,

@@ -174,14 +174,10 @@ def _read_state_dict(file: Path, spec: EncoderSpec) -> dict[str, torch.Tensor]:
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
-def _check_keys(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor],
-                file: Path, spec: EncoderSpec) -> None:
-    missing = set(own) - set(state)
-    unexpected = set(state) - set(own)
-    shapes = {k: (tuple(state[k].shape), tuple(own[k].shape)) for k in set(own) & set(state)
-              if tuple(state[k].shape) != tuple(own[k].shape)}
-    if not (missing or unexpected or shapes):
-        return
+def _mismatch(missing: set[str], unexpected: set[str], shapes: Mapping[str, Any],
+              spec: EncoderSpec) -> str:
+    """``"3 missing keys (a, b, c); 2 shapes differ (k: (..) in the file, (..) in NAME)"``, or
+    ``""`` when the weights fit."""
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing keys ({_examples(missing)})")
@@ -189,11 +185,21 @@ def _check_keys(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tenso
         problems.append(f"{len(unexpected)} unexpected keys ({_examples(unexpected)})")
     if shapes:
         first = sorted(shapes)[0]
-        problems.append(f"{len(shapes)} shapes differ ({first}: {shapes[first][0]} in the "
-                        f"file, {shapes[first][1]} in {spec.name})")
-    raise FoundationLoadError(
-        f"{file}: not {spec.name}'s weights ({spec.architecture} with "
-        f"{_kwargs_text(spec)}): {'; '.join(problems)}")
+        detail = shapes[first]
+        detail = (f"{first}: {detail[0]} in the file, {detail[1]} in {spec.name}"
+                  if detail else first)
+        problems.append(f"{len(shapes)} shapes differ ({detail})")
+    return "; ".join(problems)
+
+
+def _check_keys(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor],
+                file: Path, spec: EncoderSpec) -> None:
+    shapes = {k: (tuple(state[k].shape), tuple(own[k].shape)) for k in set(own) & set(state)
+              if tuple(state[k].shape) != tuple(own[k].shape)}
+    problems = _mismatch(set(own) - set(state), set(state) - set(own), shapes, spec)
+    if problems:
+        raise FoundationLoadError(f"{file}: not {spec.name}'s weights ({spec.architecture} "
+                                  f"with {_kwargs_text(spec)}): {problems}")
 
 
 def _kwargs_text(spec: EncoderSpec) -> str:
@@ -279,16 +285,15 @@ def _build_transformers(spec: EncoderSpec, weights: Path | None) -> nn.Module:
         transformers.logging.set_verbosity(verbosity)
         if bars:
             transformers.utils.logging.enable_progress_bar()
-    missing = set(info.get("missing_keys") or ())
-    unexpected = set(info.get("unexpected_keys") or ()) - _unused_by_design(spec)
-    mismatched = list(info.get("mismatched_keys") or ())
-    if missing or unexpected or mismatched:
-        problems = [f"{len(missing)} missing keys ({_examples(missing)})" if missing else "",
-                    f"{len(unexpected)} unexpected keys ({_examples(unexpected)})"
-                    if unexpected else "",
-                    f"{len(mismatched)} shapes differ" if mismatched else ""]
-        raise FoundationLoadError(f"{folder}: not {spec.name}'s weights: "
-                                  f"{'; '.join(p for p in problems if p)}")
+    # transformers reports mismatched keys as (key, shape in the file, shape in the model)
+    shapes = {str(entry[0]) if isinstance(entry, tuple) else str(entry):
+              tuple(entry[1:3]) if isinstance(entry, tuple) else ()
+              for entry in info.get("mismatched_keys") or ()}
+    problems = _mismatch(set(info.get("missing_keys") or ()),
+                         set(info.get("unexpected_keys") or ()) - _unused_by_design(spec),
+                         shapes, spec)
+    if problems:
+        raise FoundationLoadError(f"{folder}: not {spec.name}'s weights: {problems}")
     return model.float()
 
 
