@@ -121,6 +121,13 @@ def _add_input_options(parser: argparse.ArgumentParser) -> None:
                              f"the model's; {DEFAULT_PATCH_SIZE} for a registered timm name)")
     parser.add_argument("--stride", type=_positive_int, default=None,
                         help="grid step in pixels at --mpp (default: --patch-size)")
+    parser.add_argument("--context", type=_natural_int, default=None, metavar="PX",
+                        help="side in pixels at --mpp of the square region, centred on each "
+                             "cell, that the model embeds (coords stay the cells'); default: "
+                             "the cell, except for a model that sees only its inscribed disc "
+                             "(equivit_disc), which gets the smallest multiple of its patch "
+                             "size whose disc covers the whole cell (320 for 224 px cells); "
+                             "0 or --patch-size: the cell alone")
     parser.add_argument("--tissue-mask", choices=TISSUE_MASKS, default=TISSUE_MASKS[0],
                         help="TIAToolbox tissue masker, or 'none' for every tile")
     parser.add_argument("--min-tissue", type=_fraction, default=0.0,
@@ -197,7 +204,7 @@ def _usage_error(parser: argparse.ArgumentParser, message: str, usage: bool = Fa
 
 
 def _extract_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    names = ("weights", "mpp", "slide_mpp", "patch_size", "stride", "tissue_mask",
+    names = ("weights", "mpp", "slide_mpp", "patch_size", "stride", "context", "tissue_mask",
              "min_tissue", "batch_size", "workers", "device", "precision", "dtype", "also_pt",
              "overwrite", "d4_average", "seed", "verbose")
     return {name: getattr(args, name) for name in names}

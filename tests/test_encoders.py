@@ -454,20 +454,19 @@ def _slide(shared_data: Path) -> Path:
 
 
 def _tiles_from_coords(slide: Path, h5: Path, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """The first ``count`` tiles read back from the file's coords (level-0 top-left and
-    ``patch_size_level0``), and all features."""
+    """The regions embedded for the first ``count`` cells, read back from the file's coords
+    (level-0 top-left) and attributes (the context around each cell), and all features."""
     import h5py
     from tiatoolbox.wsicore.wsireader import WSIReader
 
     with h5py.File(h5, "r") as handle:
         features, coords = handle["features"][:], handle["coords"][:]
-        side0 = int(handle["coords"].attrs["patch_size_level0"])
-        side = int(handle["coords"].attrs["patch_size"])
-        mpp = float(handle["coords"].attrs["target_mpp"])
+        attrs = handle["coords"].attrs
+        side, margin = int(attrs["context_size"]), int(attrs["context_margin_level0"])
+        mpp = float(attrs["target_mpp"])
     reader = WSIReader.open(slide)
-    tiles = [reader.read_bounds((int(x), int(y), int(x) + side0, int(y) + side0),
-                                resolution=mpp, units="mpp")[:side, :side]
-             for x, y in coords[:count]]
+    tiles = [reader.read_rect((int(x) - margin, int(y) - margin), (side, side),
+                              resolution=mpp, units="mpp")[..., :3] for x, y in coords[:count]]
     return np.stack(tiles), features
 
 
@@ -481,7 +480,7 @@ def test_extract_features_by_name_equals_timm_with_the_cards_normalisation(
                  str(weights), "--out", str(tmp_path), "--workers", "0"]) == 0
     h5 = tmp_path / "h5_files" / f"{slide.stem}.h5"
     tiles, features = _tiles_from_coords(slide, h5, 12)
-    assert features.shape[1] == 384 and len(features) > 12
+    assert features.shape[1] == 384 and len(features) > 12 and tiles.shape[1] == 224
     x = (torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 255.0 - 0.5) / 0.5
     with torch.no_grad():
         expected = net(x).numpy()
@@ -540,6 +539,8 @@ def test_distill_from_a_foundation_model_by_name(kaiko_weights: tuple[Path, torc
                  "--out", str(out), "--workers", "0"]) == 0
     tiles, features = _tiles_from_coords(_slide(shared_data), out / "h5_files" /
                                          "CMU-1-Small-Region.h5", 4)
+    assert tiles.shape[1] == 320  # a disc student sees a context whose disc covers the cell
+    net, _ = load_model(student, dynamic_img_size=True)
     x = torch.from_numpy(np.stack([normalise_tile(t) for t in tiles])).permute(0, 3, 1, 2)
     with torch.no_grad():
         expected = net.forward_head(net.forward_features(x), pre_logits=True).numpy()

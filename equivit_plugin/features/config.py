@@ -35,6 +35,7 @@ __all__ = [
     "ExtractionConfig",
     "ExtractionConfigError",
     "default_workers",
+    "resolve_context",
 ]
 
 DEFAULT_MODEL = "equivit_ric_small_patch16_224"
@@ -80,6 +81,32 @@ def default_workers() -> int:
     return min(4, max(0, (os.cpu_count() or 1) // 2))
 
 
+def resolve_context(context: int | None, cell: int, automatic: int) -> int:
+    """The side of the region embedded around each grid cell, pixels at the target resolution.
+
+    Args:
+        context: what was asked for: ``None`` (automatic), ``0`` (the cell alone) or a side
+            of at least ``cell``.
+        cell: the grid cell's side (``patch_size``).
+        automatic: the model's own choice (:func:`~.encoder.automatic_context`: the cell, or
+            for a model that sees only its inscribed disc a region whose disc covers the cell).
+
+    Raises:
+        ExtractionConfigError: ``context`` is smaller than the cell (``.argument ==
+            "context"``).
+    """
+    if context is None:
+        return int(automatic)
+    if context == 0:
+        return int(cell)
+    if context < cell:
+        raise ExtractionConfigError(
+            f"context={context} is smaller than the cell (patch_size={cell}): the region "
+            f"embedded around a cell must hold it; give 0 or {cell} for the cell alone, or "
+            f"leave it out (automatic)", "context")
+    return int(context)
+
+
 def _choice(name: str, value: Any, choices: Sequence[str]) -> str:
     if value not in choices:
         raise ExtractionConfigError(f"{name}= must be one of {list(choices)}, got {value!r}",
@@ -93,7 +120,8 @@ class ExtractionConfig:
     normalised on construction (see that function for the meaning of each).
 
     After construction ``workers`` holds its resolved value (``patch_size`` and ``stride``
-    once the model is known: :meth:`set_patch_size`), ``precision`` is
+    once the model is known: :meth:`set_patch_size`; ``context``, the side of the region
+    embedded around each cell, too: :meth:`set_context`), ``precision`` is
     canonical (``fp32``/``bf16``/``fp16``), ``out_dir`` is a ``Path`` and
     :attr:`slide_paths` is the sorted slide list (:func:`~.slides.resolve_slides`).
 
@@ -110,6 +138,7 @@ class ExtractionConfig:
     slide_mpp: float | None = None
     patch_size: int | None = None
     stride: int | None = None
+    context: int | None = None
     tissue_mask: str = "morphological"
     min_tissue: float = 0.0
     batch_size: int = DEFAULT_BATCH_SIZE
@@ -132,6 +161,10 @@ class ExtractionConfig:
             self.stride = _integer("stride", self.stride, 1)
         elif self.patch_size is not None:
             self.stride = self.patch_size
+        if self.context is not None:
+            self.context = _integer("context", self.context, 0)
+            if self.patch_size is not None:  # else checked once the model gives the cell
+                resolve_context(self.context, self.patch_size, self.patch_size)
         if self.weights is not None and not str(self.weights):
             raise ExtractionConfigError("weights= must be a file or folder path", "weights")
         self.mpp = _positive_float("mpp", self.mpp)
@@ -163,6 +196,19 @@ class ExtractionConfig:
             self.patch_size = int(model_input_size)
         if self.stride is None:
             self.stride = self.patch_size
+
+    def set_context(self, automatic: int) -> int:
+        """Resolve :attr:`context` (after :meth:`set_patch_size`): ``None`` takes
+        ``automatic`` (the encoder's choice, :func:`~.encoder.automatic_context`), ``0`` the
+        cell; returns it.
+
+        Raises:
+            ExtractionConfigError: the context is smaller than the cell.
+        """
+        if self.patch_size is None:
+            raise RuntimeError("set_context needs the cell: call set_patch_size first")
+        self.context = resolve_context(self.context, self.patch_size, automatic)
+        return self.context
 
     @property
     def h5_dir(self) -> Path:

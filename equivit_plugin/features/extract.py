@@ -24,7 +24,7 @@ from .config import (
     ExtractionConfig,
 )
 from .distributed import Ranks, gather_summaries, process_group, ranks_from_env, resolve_device
-from .encoder import build_encoder, warn_random_weights
+from .encoder import automatic_context, build_encoder, warn_random_weights
 from .slide_job import SlideJob, process_slide
 from .summary import ExtractionSummary
 
@@ -60,10 +60,11 @@ def run_extraction(config: ExtractionConfig, *, print_summary: bool = True) -> E
     ranks = ranks_from_env()
     device = resolve_device(config.device, ranks)
     encoder, info = build_encoder(config.model, weights=config.weights,
-                                  patch_size=config.patch_size,
+                                  patch_size=config.patch_size, context=config.context,
                                   model_kwargs=config.model_kwargs,
                                   d4_average=config.d4_average, seed=config.seed)
     config.set_patch_size(info.img_size)
+    config.set_context(automatic_context(encoder.net, info.img_size))
     warn_random_weights(info, config.seed)
     progress = config.verbose or (sys.stderr.isatty() and ranks.rank == 0)
     job = SlideJob(config=config, encoder=encoder.to(device), info=info, device=device,
@@ -86,6 +87,7 @@ def extract_features(
     slide_mpp: float | None = None,
     patch_size: int | None = None,
     stride: int | None = None,
+    context: int | None = None,
     tissue_mask: str = "morphological",
     min_tissue: float = 0.0,
     batch_size: int = DEFAULT_BATCH_SIZE,
@@ -123,6 +125,13 @@ def extract_features(
         patch_size: tile side at ``mpp`` (pixels); must be the model's input size (default:
             the model's input size; 224 for a registered timm name).
         stride: grid step at ``mpp`` (default ``patch_size``: no overlap).
+        context: side, in pixels at ``mpp``, of the square region centred on each cell that
+            the encoder embeds (the cell's ``coords`` and ``patch_size`` stay the cell's).
+            Default ``None``: automatic, the cell itself except for a model that sees only its
+            inscribed disc (``equivit_disc``), which gets the smallest multiple of its patch
+            size whose disc covers the whole cell (320 for 224 px cells; it then runs with
+            ``dynamic_img_size=True``). ``0`` or ``patch_size``: the cell alone; smaller than
+            the cell: an error.
         tissue_mask: ``"morphological"``, ``"otsu"`` (TIAToolbox maskers) or ``"none"``.
         min_tissue: minimum tissue fraction of a kept tile (``0``: any tissue).
         batch_size: tiles per forward pass.
@@ -148,7 +157,8 @@ def extract_features(
     config = ExtractionConfig(
         slides=slides, out_dir=out_dir, model=model, weights=weights,
         model_kwargs=model_kwargs, mpp=mpp,
-        slide_mpp=slide_mpp, patch_size=patch_size, stride=stride, tissue_mask=tissue_mask,
+        slide_mpp=slide_mpp, patch_size=patch_size, stride=stride, context=context,
+        tissue_mask=tissue_mask,
         min_tissue=min_tissue, batch_size=batch_size, workers=workers, device=device,
         precision=precision, dtype=dtype, also_pt=also_pt, overwrite=overwrite,
         d4_average=d4_average, seed=seed, verbose=verbose)

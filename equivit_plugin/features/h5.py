@@ -11,11 +11,17 @@ writes them, so both projects' MIL trainers and TRIDENT's slide encoders read it
                                             level0_width, level0_height, target_mpp,
                                             target_magnification, level0_mpp,
                                             level0_magnification, overlap, stride, name,
-                                            tissue_mask, min_tissue
+                                            tissue_mask, min_tissue, context_size,
+                                            context_margin_level0
     <out>/pt_files/<slide_stem>.pt          (with also_pt) torch.save of the (N, D) tensor
 
-``coords`` are level-0 pixel top-left corners ``(x, y)``; row ``i`` of ``features`` belongs to
-row ``i`` of ``coords``.
+``coords`` are level-0 pixel top-left corners ``(x, y)`` of the grid cells (``patch_size``
+wide); row ``i`` of ``features`` belongs to row ``i`` of ``coords``. The region that was
+embedded for a cell is the ``context_size`` square (pixels at ``target_mpp``; equal to
+``patch_size`` when the cell alone was embedded) centred on it, whose level-0 top-left corner
+is ``coords - context_margin_level0``: ``read_rect(coords[i] - context_margin_level0,
+(context_size, context_size), resolution=target_mpp, units="mpp")``. Files written before
+contexts existed lack both attributes and embedded the cell alone.
 
 A file is written under a hidden temporary name in the same folder (``.<stem>.h5.partial``, a
 fixed name so that a later run finds and removes what a killed one left), flushed, fsynced,

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import h5py
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -33,8 +32,10 @@ __all__ = ["COMPARED_SETTINGS", "NoTissueWarning", "SlideJob", "extract_slide",
            "failure_reason", "process_slide"]
 
 COMPARED_SETTINGS = ("encoder", "checkpoint_sha256", "model_kwargs", "d4_average",
-                     "patch_size", "stride", "target_mpp", "tissue_mask", "min_tissue")
-"""Attributes of an existing output that must match this run's for it to be skipped."""
+                     "patch_size", "stride", "context_size", "target_mpp", "tissue_mask",
+                     "min_tissue")
+"""Attributes of an existing output that must match this run's for it to be skipped (a file
+written before contexts existed, without ``context_size``, embedded the cell alone)."""
 
 
 class NoTissueWarning(UserWarning):
@@ -58,8 +59,8 @@ class SlideJob:
         return {"encoder": self.info.name, "checkpoint_sha256": self.info.checkpoint_sha256,
                 "model_kwargs": json.dumps(c.model_kwargs, sort_keys=True),
                 "d4_average": self.encoder.d4_average, "patch_size": c.patch_size,
-                "stride": c.stride, "target_mpp": c.mpp, "tissue_mask": c.tissue_mask,
-                "min_tissue": c.min_tissue}
+                "stride": c.stride, "context_size": c.context, "target_mpp": c.mpp,
+                "tissue_mask": c.tissue_mask, "min_tissue": c.min_tissue}
 
 
 def magnification(mpp: float) -> int | float:
@@ -115,7 +116,12 @@ def _existing_output(record: SlideRecord, h5_path: Path, pt_path: Path,
     settings); ``None`` when it must be (re)computed."""
     if job.config.overwrite or not is_complete(h5_path):
         return None
-    diff = mismatch(read_attrs(h5_path), job.settings())
+    existing = read_attrs(h5_path)
+    if "context_size" not in existing and "encoder" in existing and "patch_size" in existing:
+        # Written by this package before contexts existed: it embedded the cell alone, which
+        # an automatic context (a disc model) no longer does.
+        existing["context_size"] = existing["patch_size"]
+    diff = mismatch(existing, job.settings())
     if diff:
         record.status = "failed"
         record.reason = (f"{h5_path} exists but was made with other settings ({diff}); "
@@ -140,6 +146,8 @@ def _file_attrs(job: SlideJob, opened: OpenedSlide, grid: TileGrid,
         "level0_magnification": magnification(opened.level0_mpp[0]),
         "overlap": c.patch_size - c.stride, "stride": c.stride, "name": stem,
         "tissue_mask": c.tissue_mask, "min_tissue": c.min_tissue,
+        "context_size": grid.context_size,
+        "context_margin_level0": grid.context_margin_level0,
     }
     features_attrs = {
         "encoder": job.info.name, "checkpoint_sha256": job.info.checkpoint_sha256,
@@ -152,18 +160,21 @@ def _file_attrs(job: SlideJob, opened: OpenedSlide, grid: TileGrid,
     return coords_attrs, features_attrs
 
 
-def _embed_tiles(job: SlideJob, opened: OpenedSlide, coords: np.ndarray,
+def _embed_tiles(job: SlideJob, opened: OpenedSlide, grid: TileGrid,
                  writer: FeatureWriter, stem: str) -> None:
-    """Read ``coords``' tiles in ``DataLoader`` workers, embed them batch by batch and append
-    each ``(B, D)`` batch of features to ``writer``."""
-    c = job.config
-    dataset = TileDataset(opened, coords, c.patch_size, c.mpp, reuse_reader=c.workers == 0)
+    """Read the grid's regions (each tile's context) in ``DataLoader`` workers, embed them
+    batch by batch and append each ``(B, D)`` batch of features to ``writer``, with the
+    tiles' own ``coords``."""
+    c, coords = job.config, grid.coords
+    dataset = TileDataset(opened, coords, c.patch_size, c.mpp, context_size=grid.context_size,
+                          context_margin_level0=grid.context_margin_level0,
+                          reuse_reader=c.workers == 0)
     loader = DataLoader(dataset, batch_size=c.batch_size, shuffle=False,
                         num_workers=c.workers, pin_memory=job.device.type == "cuda")
     bar = tqdm(total=len(coords), desc=stem, unit="patch", leave=False,
                disable=not job.progress, position=1)
     done = 0
-    for batch in loader:  # uint8 (B, P, P, 3)
+    for batch in loader:  # uint8 (B, C, C, 3), C the context side
         x = batch.to(job.device, non_blocking=True)
         with torch.inference_mode(), autocast(job.device.type, c.precision):
             features = job.encoder(normalise_batch(x, job.info.mean, job.info.std))
@@ -191,7 +202,8 @@ def extract_slide(slide: Path, job: SlideJob, summary: ExtractionSummary) -> Sli
         return kept
     opened = open_slide(slide, c.slide_mpp)
     grid = tile_grid(opened, target_mpp=c.mpp, patch_size=c.patch_size, stride=c.stride,
-                     tissue_mask=c.tissue_mask, min_tissue=c.min_tissue)
+                     tissue_mask=c.tissue_mask, min_tissue=c.min_tissue,
+                     context_size=c.context)
     coords_attrs, features_attrs = _file_attrs(job, opened, grid, stem)
     with FeatureWriter(h5_path, job.info.embed_dim, c.dtype, coords_attrs=coords_attrs,
                        features_attrs=features_attrs, expected_rows=len(grid.coords)) as writer:
@@ -202,7 +214,7 @@ def extract_slide(slide: Path, job: SlideJob, summary: ExtractionSummary) -> Sli
             warnings.warn(f"{slide}: {message}", NoTissueWarning, stacklevel=6)
             summary.warnings.append((str(slide), message))
         else:
-            _embed_tiles(job, opened, grid.coords, writer, stem)
+            _embed_tiles(job, opened, grid, writer, stem)
         tmp = writer.close_temporary()
         if c.also_pt:
             write_pt(tmp, pt_path)
