@@ -262,7 +262,7 @@ def _add_rotation_report(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("slides", nargs="+", metavar="SLIDES",
                         help="slide files, directories, glob patterns, or .txt/.csv lists of "
                              "paths (CSV: column 'path' or 'slide', else the first)")
-    parser.add_argument("--model", dest="models", action=_AppendModel, default=None,
+    parser.add_argument("--model", dest="models", action="append", default=None,
                         metavar="MODEL",
                         help=f"a foundation model by name (followed by its --weights), a "
                              f"checkpoint written by equivit_plugin.models.save_checkpoint, or a "
@@ -309,17 +309,6 @@ def _add_rotation_report(subparsers: argparse._SubParsersAction) -> None:
                                           "(regions are 2 tiles wide; 2 = disjoint)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(handler=_run_rotation_report, parser=parser)
-
-
-class _AppendModel(argparse.Action):
-    """``--model X``: one more model of the report (a string, or ``[name, weights]`` once a
-    ``--weights`` follows it)."""
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
-                 values: Any, option_string: str | None = None) -> None:
-        models = list(getattr(namespace, self.dest) or [])
-        models.append(values)
-        setattr(namespace, self.dest, models)
 
 
 class _AttachWeights(argparse.Action):

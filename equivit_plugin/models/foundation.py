@@ -28,6 +28,7 @@ import torch
 from timm.models import load_state_dict
 from torch import nn
 
+from .checkpoint import file_sha256
 from .encoders import EncoderSpec, Ref, get_encoder
 
 __all__ = ["RANDOM_WEIGHTS", "FoundationEncoder", "FoundationLoadError", "embed_tokens",
@@ -109,19 +110,15 @@ class FoundationEncoder(nn.Module):
 
 
 def weights_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of a weights file, or of a folder's ``config.json``, weight and code files
-    (names and contents, in name order)."""
+    """SHA-256 of a weights file (:func:`~.checkpoint.file_sha256`), or of a folder's
+    ``config.json``, weight and code files (their names and hashes, in name order)."""
     path = Path(path)
-    files = [path] if path.is_file() else sorted(
-        p for p in path.iterdir()
-        if p.is_file() and p.suffix in {".json", ".safetensors", ".bin", ".pth", ".pt", ".py"})
+    if path.is_file():
+        return file_sha256(path)
     digest = hashlib.sha256()
-    for file in files:
-        if path.is_dir():
-            digest.update(file.name.encode())
-        with open(file, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
+    for file in sorted(p for p in path.iterdir() if p.is_file() and p.suffix in
+                       {".json", ".safetensors", ".bin", ".pth", ".pt", ".py"}):
+        digest.update(f"{file.name}\n{file_sha256(file)}\n".encode())
     return digest.hexdigest()
 
 
