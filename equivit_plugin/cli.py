@@ -39,6 +39,7 @@ from .distill.config import (
 )
 from .distill.config import TISSUE_MASKS as DISTILL_TISSUE_MASKS
 from .features.config import (
+    DECODERS,
     DEFAULT_BATCH_SIZE,
     DEFAULT_MODEL,
     DEFAULT_MPP,
@@ -138,8 +139,13 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE,
                         help="tiles per forward pass")
     parser.add_argument("--workers", type=_natural_int, default=None,
-                        help="DataLoader processes reading tiles (default: half the CPUs, "
-                             "at most 4; 0: read in the main process)")
+                        help="DataLoader processes reading tiles for the whole run (default "
+                             "from the cores available: all but one with --device cuda, one "
+                             "on the CPU; 0: read in the main process)")
+    parser.add_argument("--decoder", choices=DECODERS, default=DECODERS[0],
+                        help="what decodes the slides' stored tiles, each once (auto: the "
+                             "library TIAToolbox opens the slide with, OpenSlide for .svs; "
+                             "tifffile: TIFF-based slides, faster where measured)")
     parser.add_argument("--device", default="cpu",
                         help="cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)")
     parser.add_argument("--precision", choices=PRECISIONS, default=PRECISIONS[0],
@@ -205,7 +211,8 @@ def _usage_error(parser: argparse.ArgumentParser, message: str, usage: bool = Fa
 
 def _extract_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     names = ("weights", "mpp", "slide_mpp", "patch_size", "stride", "context", "tissue_mask",
-             "min_tissue", "batch_size", "workers", "device", "precision", "dtype", "also_pt",
+             "min_tissue", "batch_size", "workers", "decoder", "device", "precision", "dtype",
+             "also_pt",
              "overwrite", "d4_average", "seed", "verbose")
     return {name: getattr(args, name) for name in names}
 

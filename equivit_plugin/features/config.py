@@ -24,6 +24,7 @@ from ..utils.precision import canonical_precision
 from .slides import resolve_slides
 
 __all__ = [
+    "DECODERS",
     "DEFAULT_BATCH_SIZE",
     "DEFAULT_MODEL",
     "DEFAULT_MPP",
@@ -56,6 +57,10 @@ TISSUE_MASKS: tuple[str, ...] = ("morphological", "otsu", "none")
 """``tissue_mask`` choices: TIAToolbox's two maskers, or ``"none"`` (every tile)."""
 OUT_DTYPES: tuple[str, ...] = ("float32", "float16")
 """Stored feature dtypes."""
+DECODERS: tuple[str, ...] = ("auto", "openslide", "tifffile")
+"""``decoder`` choices (:mod:`.reader`): ``"auto"`` decodes a slide's stored tiles with the
+library TIAToolbox opens it with (OpenSlide for ``.svs``...); ``"tifffile"`` with tifffile's
+codecs, for TIFF-based slides (faster where measured: ``benchmarks/slide_read.py``)."""
 
 
 class ExtractionConfigError(ValueError):
@@ -76,9 +81,26 @@ _integer = partial(checked_integer, error=ExtractionConfigError)
 _positive_float = partial(checked_positive_float, error=ExtractionConfigError)
 
 
-def default_workers() -> int:
-    """``DataLoader`` workers when none are given: half the CPUs, at most 4."""
-    return min(4, max(0, (os.cpu_count() or 1) // 2))
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. a Slurm allocation), shared
+    among the ``torchrun`` processes of this node (``LOCAL_WORLD_SIZE``)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return max(1, cores // max(1, local))
+
+
+def default_workers(device: Any = "cpu") -> int:
+    """``DataLoader`` workers when none are given, from the cores available
+    (:func:`available_cores`). On a GPU the run is bound by reading tiles: every core but the
+    one that feeds the GPU reads. On the CPU the model is the work and needs the cores; one
+    worker reads ahead (none on a single core)."""
+    cores = available_cores()
+    if str(device).startswith("cuda"):
+        return max(1, cores - 1)
+    return 1 if cores > 1 else 0
 
 
 def resolve_context(context: int | None, cell: int, automatic: int) -> int:
@@ -143,6 +165,7 @@ class ExtractionConfig:
     min_tissue: float = 0.0
     batch_size: int = DEFAULT_BATCH_SIZE
     workers: int | None = None
+    decoder: str = "auto"
     device: Any = "cpu"
     precision: str = "fp32"
     dtype: str = "float32"
@@ -180,8 +203,9 @@ class ExtractionConfig:
         except ValueError as error:
             raise ExtractionConfigError(str(error), "precision") from None
         self.dtype = _choice("dtype", self.dtype, OUT_DTYPES)
-        self.workers = _integer("workers", default_workers() if self.workers is None
+        self.workers = _integer("workers", default_workers(self.device) if self.workers is None
                                 else self.workers, 0)
+        self.decoder = _choice("decoder", self.decoder, DECODERS)
         self.model_kwargs = dict(self.model_kwargs or {})
         self.out_dir = Path(self.out_dir)
         try:

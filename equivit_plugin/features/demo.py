@@ -22,7 +22,8 @@ from .extract import extract_features
 from .overlay import save_feature_overlay
 from .summary import ExtractionSummary
 
-__all__ = ["DEMO_SLIDE_NAME", "DemoResult", "demo_slide", "run_demo", "write_pyramid_tiff"]
+__all__ = ["DEMO_SLIDE_NAME", "DemoResult", "demo_slide", "run_demo", "write_aperio_svs",
+           "write_pyramid_tiff"]
 
 DEMO_SLIDE_NAME = "equivit_demo_he_v1.tif"
 """File name of the cached demo slide (the version changes when its content does)."""
@@ -63,6 +64,50 @@ def write_pyramid_tiff(image: np.ndarray, mpp: float, path: str | Path, *,
         for i, level in enumerate(levels[1:], 1):
             per_cm = 1e4 / (mpp * 2**i)
             tif.write(level, subfiletype=1, resolution=(per_cm, per_cm), **options)
+    return Path(path)
+
+
+def write_aperio_svs(image: np.ndarray, mpp: float, path: str | Path, *, tile: int = 240,
+                     quality: int = 80, downsample: int = 4, smallest_level: int = 1024,
+                     magnification: float | None = None) -> Path:
+    """Write ``image`` the way an Aperio scanner lays out an ``.svs``: a TIFF whose main IFD
+    chain holds level 0 and its ``downsample``-fold reductions (4x, 16x... as Aperio's
+    pyramids), every level JPEG-tiled (YCbCr 4:2:0, ``quality``), and an ``ImageDescription``
+    in Aperio's format carrying ``MPP`` and ``AppMag``. OpenSlide reads it with its Aperio
+    driver and TIAToolbox through ``OpenSlideWSIReader``, as they read a cohort's slides: a
+    40x slide read at 0.5 um/px then decodes level 0 and halves it, as real ones do.
+
+    Args:
+        image: uint8 ``(H, W, 3)`` RGB level 0.
+        mpp: micrometres per pixel of level 0.
+        path: output file (``.svs``), written in place (wrap it in ``atomic_path``).
+        tile: JPEG tile side, pixels (a multiple of 16; Aperio's is 240).
+        quality: JPEG quality (Aperio's files say ``Q=70`` to ``Q=90``).
+        downsample: factor between consecutive levels.
+        smallest_level: stop once the longer side is at most this many pixels.
+        magnification: ``AppMag`` (default ``10 / mpp``: 40 at 0.25 um/px).
+    """
+    import cv2
+    import tifffile
+
+    image = np.ascontiguousarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
+    height, width = image.shape[:2]
+    power = 10.0 / mpp if magnification is None else float(magnification)
+    description = (f"Aperio Image Library v12.0.16 \r\n{width}x{height} [0,0 {width}x{height}] "
+                   f"({tile}x{tile}) JPEG/RGB Q={quality}|AppMag = {power:g}|MPP = {mpp:g}")
+    options = {"tile": (tile, tile), "compression": "jpeg", "compressionargs": {"level": quality},
+               "photometric": "rgb", "metadata": None}
+    level = image
+    with tifffile.TiffWriter(path, bigtiff=image.nbytes > 2**31) as tif:
+        tif.write(level, description=description, **options)
+        while max(level.shape[:2]) > smallest_level:
+            # Area averaging, as a scanner's reductions are (not every n-th pixel).
+            level = cv2.resize(level, (max(1, level.shape[1] // downsample),
+                                       max(1, level.shape[0] // downsample)),
+                               interpolation=cv2.INTER_AREA)
+            tif.write(level, subfiletype=1, **options)
     return Path(path)
 
 

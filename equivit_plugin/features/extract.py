@@ -2,8 +2,9 @@
 
 The run, in order: the arguments are checked (:class:`~.config.ExtractionConfig`), the rank
 layout and device found (:mod:`.distributed`), the encoder built (:mod:`.encoder`); then this
-rank's share of the slides goes through :func:`~.slide_job.process_slide` one at a time and
-the ranks' summaries are combined (:mod:`.summary`); rank 0 prints it.
+rank's share of the slides goes through :func:`~.slide_job.run_slides` (one reader pool for
+all of them, the next slide prepared while one is embedded) and the ranks' summaries are
+combined (:mod:`.summary`); rank 0 prints it.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from .config import (
 )
 from .distributed import Ranks, gather_summaries, process_group, ranks_from_env, resolve_device
 from .encoder import automatic_context, build_encoder, warn_random_weights
-from .slide_job import SlideJob, process_slide
-from .summary import ExtractionSummary
+from .slide_job import SlideJob, run_slides
+from .summary import ExtractionSummary, SlideRecord
 
 __all__ = ["extract_features", "run_extraction"]
 
@@ -37,14 +38,20 @@ def _run_share(job: SlideJob, ranks: Ranks, started: float) -> ExtractionSummary
     summary = ExtractionSummary(world_size=ranks.world_size, out_dir=str(config.out_dir))
     share = config.slide_paths[ranks.rank::ranks.world_size]
     desc = "slides" if ranks.world_size == 1 else f"slides (rank {ranks.rank})"
-    for slide in tqdm(share, desc=desc, unit="slide", disable=not job.progress, position=0):
-        record = process_slide(slide, job, summary)
+    bar = tqdm(total=len(share), desc=desc, unit="slide", disable=not job.progress,
+               position=0)
+
+    def on_record(record: SlideRecord) -> None:
         summary.add(record)
+        bar.update(1)
         if config.verbose:
             detail = (f"{record.n_patches} patches in {record.seconds:.1f} s"
                       if record.status == "done" else record.reason)
-            tqdm.write(f"[rank {ranks.rank}] {record.status} {slide}: {detail}",
+            tqdm.write(f"[rank {ranks.rank}] {record.status} {record.slide}: {detail}",
                        file=sys.stderr)
+
+    with bar:
+        run_slides(share, job, summary, on_record)
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -92,6 +99,7 @@ def extract_features(
     min_tissue: float = 0.0,
     batch_size: int = DEFAULT_BATCH_SIZE,
     workers: int | None = None,
+    decoder: str = "auto",
     device: str | torch.device = "cpu",
     precision: str = "fp32",
     dtype: str = "float32",
@@ -135,8 +143,12 @@ def extract_features(
         tissue_mask: ``"morphological"``, ``"otsu"`` (TIAToolbox maskers) or ``"none"``.
         min_tissue: minimum tissue fraction of a kept tile (``0``: any tissue).
         batch_size: tiles per forward pass.
-        workers: ``DataLoader`` worker processes reading tiles (default: half the CPUs, at
-            most 4; ``0`` reads in this process).
+        workers: ``DataLoader`` worker processes reading tiles, for the whole run (default
+            from the cores available: all but one on CUDA, one on the CPU; ``0`` reads in this
+            process).
+        decoder: what decodes the slides' stored tiles (each once, :mod:`.reader`):
+            ``"auto"`` (the library TIAToolbox opens the slide with: OpenSlide for ``.svs``),
+            ``"openslide"``, or ``"tifffile"`` (TIFF-based slides; faster where measured).
         device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (under ``torchrun``: ``cuda:LOCAL_RANK``).
         precision: ``"fp32"``, or ``"bf16"``/``"fp16"`` autocast.
         dtype: stored feature dtype, ``"float32"`` or ``"float16"``.
@@ -159,7 +171,8 @@ def extract_features(
         model_kwargs=model_kwargs, mpp=mpp,
         slide_mpp=slide_mpp, patch_size=patch_size, stride=stride, context=context,
         tissue_mask=tissue_mask,
-        min_tissue=min_tissue, batch_size=batch_size, workers=workers, device=device,
+        min_tissue=min_tissue, batch_size=batch_size, workers=workers, decoder=decoder,
+        device=device,
         precision=precision, dtype=dtype, also_pt=also_pt, overwrite=overwrite,
         d4_average=d4_average, seed=seed, verbose=verbose)
     return run_extraction(config, print_summary=print_summary)

@@ -132,6 +132,34 @@ class FeatureWriter:
         self._features[start:self.n] = features.astype(self.dtype, copy=False)
         self._coords[start:self.n] = coords
 
+    def write_rows(self, rows: np.ndarray, features: np.ndarray, coords: np.ndarray) -> None:
+        """Write ``(B, D)`` features and their ``(B, 2)`` coordinates at row indices ``rows``
+        (``(B,)``, any order, each row once): for readers that deliver a slide's tiles out of
+        order. The datasets grow to the largest row; :attr:`n` counts the rows written."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        features = np.asarray(features)
+        coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+        if features.ndim != 2 or features.shape[1] != self.dim or len(features) != len(rows) \
+                or len(coords) != len(rows):
+            raise ValueError(f"expected ({len(rows)}, {self.dim}) features and ({len(rows)}, 2) "
+                             f"coordinates, got {features.shape} and {coords.shape}")
+        if not len(rows):
+            return
+        size = max(self._features.shape[0], int(rows.max()) + 1)
+        if size > self._features.shape[0]:
+            self._features.resize(size, axis=0)
+            self._coords.resize(size, axis=0)
+        features = features.astype(self.dtype, copy=False)
+        order = np.argsort(rows, kind="stable")
+        rows, features, coords = rows[order], features[order], coords[order]
+        # one slice assignment per run of consecutive rows (HDF5 writes hyperslabs fast)
+        cuts = [0, *(np.flatnonzero(np.diff(rows) != 1) + 1).tolist(), len(rows)]
+        for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+            start = int(rows[a])
+            self._features[start:start + b - a] = features[a:b]
+            self._coords[start:start + b - a] = coords[a:b]
+        self.n += len(rows)
+
     def close_temporary(self) -> Path:
         """Flush and close the temporary file (complete, not yet visible or fsynced); returns its
         path."""
