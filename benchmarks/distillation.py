@@ -239,9 +239,10 @@ def speed(models: dict[str, nn.Module], repeats: int) -> dict[str, Any]:
 
 
 def view_costs(slide: Path, folders: Sequence[Path], n: int = 40) -> dict[str, float]:
-    """CPU milliseconds to make one training view (read the 2T context, turn, shift, crop,
-    normalise) from a slide tile and from a folder tile, in one process: what the DataLoader
-    workers must keep up with on a GPU."""
+    """CPU milliseconds of one training sample from a slide tile and from a folder tile, in
+    one process: what the DataLoader workers must keep up with on a GPU. Since the views are
+    made on the device (``PrepareViews``), that is reading the 2T context and drawing the view;
+    runs before it also turned, shifted, cropped and normalised here."""
     from equivit_plugin.distill import DistillationViews, collect_tiles
 
     costs = {}

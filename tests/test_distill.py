@@ -237,10 +237,12 @@ def test_views_are_rotated_shifted_crops_of_the_context(tile_folder: Path) -> No
     expected = expected.flip(-1) if mirror else expected
     mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float64).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD, dtype=torch.float64).view(3, 1, 1)
-    torch.testing.assert_close(sample["image"].double(), (expected - mean) / std,
-                               atol=1e-4, rtol=0)
-    np.testing.assert_array_equal(sample["label"].numpy(), targets[2])
-    torch.testing.assert_close(views[1]["image"], sample["image"])  # fixed per tile
+    # The dataset hands over the context and the view; the engines' prepare_batch makes it.
+    batch = torch.utils.data.default_collate([sample])
+    image, label = views.prepare_batch()(batch, torch.device("cpu"))
+    torch.testing.assert_close(image[0].double(), (expected - mean) / std, atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(label[0].numpy(), targets[2])
+    assert views[1]["angle"].item() == sample["angle"].item()  # fixed per tile
     angles = [random_view(np.random.default_rng(s), 8) for s in range(200)]
     assert sum(a % 90 != 0 for a, *_ in angles) == 200  # any angle, not the 90-degree grid
     assert {dx for _, dx, _, _ in angles} == set(range(-8, 9))

@@ -11,7 +11,8 @@ student.pt``, the TIAToolbox adapter and the rotation report use it as they use 
 - :mod:`.config`: :class:`DistillSettings` (every argument checked once), :class:`DistillError`;
 - :mod:`.tiles`: :func:`collect_tiles` from folders and slides (:class:`DistillTiles`);
 - :mod:`.targets`: :func:`teacher_targets`, the cached D4-mean targets;
-- :mod:`.views`: :class:`DistillationViews`, the any-angle, shifted training views;
+- :mod:`.views`: :class:`DistillationViews`, the any-angle, shifted training views (contexts
+  read in the workers, views made on the device, batched, by :class:`PrepareViews`);
 - :mod:`.student`: :func:`build_student`; :mod:`.loss`: :class:`DistillationLoss`;
 - :mod:`.run`: :func:`distill`, the run (``equivit distill`` and ``configs/distill.json``).
 """
@@ -27,7 +28,7 @@ _LAZY_NAMES = {
     "work_dir_for": "config",
     "DistillTiles": "tiles", "collect_tiles": "tiles",
     "Targets": "targets", "teacher_targets": "targets", "targets_fingerprint": "targets",
-    "DistillationViews": "views", "largest_shift": "views",
+    "DistillationViews": "views", "PrepareViews": "views", "largest_shift": "views",
     "build_student": "student",
     "DistillationLoss": "loss", "feature_cosine": "loss",
     "DistillResult": "run", "distill": "run",
@@ -41,6 +42,7 @@ __all__ = [
     "DistillTiles",
     "DistillationLoss",
     "DistillationViews",
+    "PrepareViews",
     "Targets",
     "build_student",
     "collect_tiles",
@@ -59,7 +61,7 @@ if TYPE_CHECKING:
     from .student import build_student
     from .targets import Targets, targets_fingerprint, teacher_targets
     from .tiles import DistillTiles, collect_tiles
-    from .views import DistillationViews, largest_shift
+    from .views import DistillationViews, PrepareViews, largest_shift
 
 
 __getattr__, __dir__ = lazy_attributes(__name__, _LAZY_NAMES, globals())

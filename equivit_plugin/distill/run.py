@@ -228,7 +228,8 @@ def distill(settings: DistillSettings | None = None, **kwargs: Any) -> DistillRe
     4. The student (:func:`~equivit_plugin.distill.build_student`: blocks from the teacher
        where shapes match, a projection when widths differ) is trained with MONAI's
        ``SupervisedTrainer`` on views turned by any angle and shifted by up to ``max_shift`` px
-       (:class:`~equivit_plugin.distill.DistillationViews`) to reproduce the targets
+       (:class:`~equivit_plugin.distill.DistillationViews`; each batch's views are made on the
+       device, batched, by its ``prepare_batch``) to reproduce the targets
        (:class:`~equivit_plugin.distill.DistillationLoss`), AdamW with warm-up and cosine
        decay. Every epoch a ``SupervisedEvaluator`` measures fidelity (mean cosine to the
        target, raw and centred) on held-out tiles, each at a fixed random view, and the student
@@ -309,6 +310,9 @@ def _train(settings: DistillSettings, ranks: Ranks, device: torch.device, amp: b
     # distilled_from): so the bundle fine-tunes it with the inputs it was trained on.
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     views = {"max_shift": settings.max_shift, "mean": mean, "std": std}
+    # The datasets only read contexts and draw view parameters (DataLoader workers); the
+    # engines' prepare_batch makes and normalises each batch's views on the device, in one
+    # pass, from the pinned uint8 contexts (copied non-blocking).
     train_set = DistillationViews(tiles, targets.values, train_rows, **views)
     val_set = DistillationViews(tiles, targets.values, val_rows, fixed_seed=settings.seed,
                                 **views)
@@ -356,7 +360,8 @@ def _train(settings: DistillSettings, ranks: Ranks, device: torch.device, amp: b
         evaluator = SupervisedEvaluator(
             device=device, val_data_loader=_loader(val_set, settings, ranks, train=False,
                                                    device=device),
-            network=student, amp=amp,
+            network=student, amp=amp, prepare_batch=val_set.prepare_batch(),
+            non_blocking=True,
             key_val_metric={metric: metrics[metric]},
             additional_metrics={f"{prefix}_cosine": metrics[f"{prefix}_cosine"]},
             val_handlers=val_handlers)
@@ -378,6 +383,7 @@ def _train(settings: DistillSettings, ranks: Ranks, device: torch.device, amp: b
     trainer = SupervisedTrainer(
         device=device, max_epochs=settings.epochs, train_data_loader=train_loader,
         network=network, optimizer=optimizer, loss_function=loss, amp=amp,
+        prepare_batch=train_set.prepare_batch(), non_blocking=True,
         key_train_metric={metric: metrics[metric]} if on_train else None,
         additional_metrics={f"{prefix}_cosine": metrics[f"{prefix}_cosine"]} if on_train
         else None, train_handlers=handlers)

@@ -19,13 +19,21 @@ from .plots import (
     save_figure,
     similarity_vs_angle_figure,
 )
-from .transforms import D4_NAMES, D4_TRANSFORMS, d4_transform, region_views, rotate
+from .transforms import (
+    D4_NAMES,
+    D4_TRANSFORMS,
+    batched_region_views,
+    d4_transform,
+    region_views,
+    rotate,
+)
 
 __all__ = [
     "D4_NAMES",
     "D4_TRANSFORMS",
     "RotationSweep",
     "accuracy_polar_figure",
+    "batched_region_views",
     "d4_sweep",
     "d4_token_similarity",
     "d4_transform",
