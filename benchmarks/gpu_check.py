@@ -19,6 +19,11 @@ the order they run (the number is the one of the issue that lists them):
 * ``pipeline`` (6): ``extract_features`` (slide -> HDF5) on CUDA in bf16 against the model-only
   forward pass on the same tiles (``benchmarks/slide_throughput.py``'s runners), on a cohort of
   copies of the slide; the features against a CPU float32 forward pass;
+* ``slides`` (17): the realistic 40x slide of ``benchmarks/slide_read.py`` (written there):
+  the loader alone with the default workers, then ``extract_features`` (bf16) against the lesser
+  of the encoder's model-only rate and that loader ceiling, for ``equivit_disc`` and the UNI
+  architecture (ViT-L/16, random weights); a short ``distill`` on CUDA (AMP, one process) and
+  the device-made views (``benchmarks/distill_views.py``) against the student's training step;
 * ``bundle`` (7): ``torchrun --nproc_per_node 1`` of the MONAI bundle's
   ``train.json + quick_train.json + multi_gpu_train.json`` (NCCL), 2 short epochs into a
   temporary folder: backend, exit code, a loadable checkpoint;
@@ -673,6 +678,149 @@ def check_pipeline(ctx: Context, rec: Recorder) -> None:
                        settings={k: str(v) for k, v in vars(args).items()})
 
 
+# --------------------------------------------------------------------------- 17 slides
+
+
+def loader_ceiling(slide: Path, workers: int) -> tuple[float, int]:
+    """Tiles/s of the pipeline's loader alone (no model) on ``slide`` with ``workers``."""
+    from equivit_plugin.features.loader import make_loader, slide_chunks
+    from equivit_plugin.features.reader import decoder_for, plan_read
+    from equivit_plugin.features.slides import open_slide
+    from equivit_plugin.features.tiles import tile_grid
+
+    opened = open_slide(slide)
+    grid = tile_grid(opened, target_mpp=MPP, patch_size=PATCH, stride=PATCH)
+    plan = plan_read(opened.reader, PATCH, MPP)
+    chunks = slide_chunks(0, slide, None, decoder_for(opened.reader), plan, grid.coords,
+                          workers)
+    start, n = time.perf_counter(), 0
+    for item in make_loader(lambda: chunks, workers=workers, pin_memory=False):
+        n += len(item["regions"])
+    return n / (time.perf_counter() - start), n
+
+
+def model_only_rate(model: str, weights: str | None, n: int, ctx: Context,
+                    batch_size: int) -> tuple[float, int]:
+    """Patches/s of the pipeline's own encoder (bf16 autocast on CUDA) on ``n`` uint8 regions
+    of its context side, pinned in host memory as the loader hands them over."""
+    from equivit_plugin.features.encoder import automatic_context, build_encoder
+    from equivit_plugin.models import normalise_batch
+
+    encoder, info = build_encoder(model, weights=weights, context=None)
+    side = automatic_context(encoder.net, info.img_size)
+    encoder = encoder.to(ctx.device).eval()
+    regions = torch.randint(0, 256, (batch_size, side, side, 3), dtype=torch.uint8)
+    regions = regions.pin_memory() if ctx.cuda else regions
+
+    def run(count: int) -> None:
+        with torch.inference_mode(), torch.autocast(ctx.device.type, dtype=torch.bfloat16,
+                                                    enabled=ctx.cuda):
+            for _ in range(-(-count // batch_size)):
+                x = regions.to(ctx.device, non_blocking=True)
+                encoder(normalise_batch(x, info.mean, info.std)).float().cpu()
+        if ctx.cuda:
+            torch.cuda.synchronize(ctx.device)
+
+    run(batch_size)  # warm-up
+    start = time.perf_counter()
+    run(n)
+    return n / (time.perf_counter() - start), side
+
+
+def check_slides(ctx: Context, rec: Recorder) -> None:
+    """The realistic 40x slide (``benchmarks/slide_read.py``): the pipeline against the lesser
+    of the model-only rate and the loader's ceiling, for an Equi-ViT disc model and the UNI
+    architecture (random weights); a short distillation on the device with its views made
+    there, and whether the views keep up with the student's training step."""
+    import slide_read as sr
+    from distill_views import measure_view_making
+
+    from equivit_plugin.distill import distill
+    from equivit_plugin.features import extract_features
+    from equivit_plugin.features.config import default_workers
+
+    data = ctx.data()
+    slide = sr.realistic_slide(ctx.workdir / "slides", ctx.pick(20480, 2048),
+                               source=data.slide)
+    workers = default_workers(ctx.device)
+    ceiling, n_tiles = loader_ceiling(slide, workers)
+    rec.info(f"{slide.name}: loader alone, {workers} workers (no model)",
+             f"{ceiling:.0f} tiles/s ({n_tiles} tissue tiles)")
+    batch = ctx.pick(256, 16)
+    encoders = [(model_name("equivit_disc", ctx.size), None),
+                ctx.pick(("uni_v1", "random"), ("kaiko-vits16", "random"))]
+    details: dict[str, Any] = {"loader_tiles_per_s": ceiling, "workers": workers}
+    for model, weights in encoders:
+        label = model if weights is None else f"{model} (random weights)"
+        model_rate, side = model_only_rate(model, weights, n_tiles, ctx, batch)
+        options = {"model": model, "weights": weights, "device": str(ctx.device),
+                   "batch_size": batch, "precision": "bf16" if ctx.cuda else "fp32",
+                   "overwrite": True, "print_summary": False}
+        out = ctx.workdir / f"slides_{model}"
+        extract_features([slide], out, **options)  # warm-up: kernels, caches
+        start = time.perf_counter()
+        summary = extract_features([slide], out, **options)
+        seconds = time.perf_counter() - start
+        pipeline = summary.n_patches / seconds
+        bound = min(model_rate, ceiling)
+        ratio = pipeline / bound
+        rec.judge(f"{label}: pipeline / min(model-only, loader), {side} px regions",
+                  f"{ratio:.3f} ({pipeline:.0f} vs model {model_rate:.0f}, loader "
+                  f"{ceiling:.0f} patches/s)", "≥ 0.8" if ctx.cuda else "reported",
+                  summary.ok and (ratio >= 0.8 or not ctx.cuda))
+        details[model] = {"pipeline": pipeline, "model_only": model_rate, "ratio": ratio,
+                          "patches": summary.n_patches, "seconds": seconds}
+    tiles = ctx.workdir / "distill_tiles"  # a subset: the teacher's targets cover them all
+    images = sorted(p for p in data.train_dir.rglob("*")
+                    if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".tif"))
+    for path in images[:ctx.pick(90, 12)]:
+        (tiles / path.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, tiles / path.parent.name / path.name)
+    start = time.perf_counter()
+    result = distill(teacher=model_name("vit", ctx.size), out=ctx.workdir / "student.pt",
+                     student=model_name("equivit_disc", ctx.size), tiles=(tiles,),
+                     epochs=ctx.pick(2, 1), batch_size=ctx.pick(64, 8),
+                     device=str(ctx.device), amp=ctx.cuda,
+                     num_workers=min(4, workers), progress=False)
+    rec.judge(f"equivit distill on {ctx.device.type} (AMP {ctx.cuda}, one process)",
+              f"{result.epochs_run} epochs in {time.perf_counter() - start:.1f} s, centred "
+              f"fidelity {result.centred_fidelity}", "a student checkpoint",
+              Path(result.out).is_file() and result.epochs_run > 0)
+    views = measure_view_making(device=ctx.device, batch_size=ctx.pick(64, 8),
+                                n_batches=ctx.pick(10, 2))
+    step = student_step_rate(model_name("equivit_disc", ctx.size), ctx, ctx.pick(64, 8))
+    rec.judge("distillation views made on the device vs the student's training step",
+              f"{views['new_views_per_s']:.0f} views/s vs {step:.0f} images/s trained (old "
+              f"CPU path {views['old_views_per_s']:.0f} views/s)", "views ≥ training",
+              views["new_views_per_s"] >= step)
+    details.update(views=views, student_images_per_s=step)
+    rec.details.update(details)
+
+
+def student_step_rate(name: str, ctx: Context, batch_size: int, steps: int = 5) -> float:
+    """Images/s of the student's training step (forward, backward, AdamW; AMP on CUDA)."""
+    net = timm.create_model(name, num_classes=0).to(ctx.device).train()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    x = torch.randn(batch_size, 3, PATCH, PATCH, device=ctx.device)
+
+    def step() -> None:
+        with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.cuda):
+            loss = net(x).float().pow(2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    step()  # warm-up
+    if ctx.cuda:
+        torch.cuda.synchronize(ctx.device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if ctx.cuda:
+        torch.cuda.synchronize(ctx.device)
+    return steps * batch_size / (time.perf_counter() - start)
+
+
 # --------------------------------------------------------------------------- 7 bundle
 
 
@@ -907,6 +1055,8 @@ CHECKS: tuple[Check, ...] = (
           quick_cap_s=120),
     Check("pipeline", "6", "slide -> h5 pipeline vs model-only", _plain(check_pipeline), True,
           100, 20),
+    Check("slides", "17", "realistic 40x slide: pipeline, loader, distillation",
+          _plain(check_slides), True, 200, 60, quick_cap_s=200),
     Check("bundle", "7", "MONAI bundle, torchrun NCCL", check_bundle, True, 120, 40,
           quick_cap_s=120),
     Check("compile", "4", "torch.compile", _plain(check_compile), True, 100, 40,

@@ -19,9 +19,11 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 
 # TIAToolbox imports SimpleITK (52 MB; used only for image registration) and imagecodecs
 # (24 MB; JPEG/JPEG 2000/LZW codecs for TIFF tiles read through tifffile) when it is imported.
-# Neither travels: where one is missing, a stub stands in. The imagecodecs stub hands tifffile
-# the pure-Python codecs tifffile ships (zlib, lzma, packbits, delta...), as tifffile does
-# without imagecodecs; .svs slides are read by OpenSlide, whose library decodes their JPEGs.
+# SimpleITK does not travel; imagecodecs does (.whl: the realistic 40x slide's JPEG tiles need
+# it). Where one is missing, a stub stands in: the imagecodecs stub hands tifffile the
+# pure-Python codecs tifffile ships (zlib, lzma, packbits, delta...), as tifffile does without
+# imagecodecs; .svs slides are then read by OpenSlide alone (whose library decodes their
+# JPEGs), and the slides check cannot write its JPEG slide (one error row).
 if ! python3 -c "import SimpleITK" 2>/dev/null; then
     mkdir -p "$SITE/SimpleITK"
     cat > "$SITE/SimpleITK/__init__.py" <<'EOF'

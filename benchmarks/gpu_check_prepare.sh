@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prepare what benchmarks/gpu_check.sh carries to the GPU machine (no network there; Python
 # 3.12 with torch, timm, h5py... but without MONAI, ignite, fire and TIAToolbox):
-#   .whl/          the missing wheels, CPython 3.12 manylinux x86_64 (about 25 MiB)
+#   .whl/          the missing wheels, CPython 3.12 manylinux x86_64 (about 49 MiB: imagecodecs,
+#                  24 MiB, writes and decodes the JPEG tiles of the realistic 40x slide)
 #   .device_data/  the real slide and 30 LC25000 tiles per class from $EQUIVIT_DATA (3 MiB)
 # Both are ignored by git (.git/info/exclude); carry them: run(carry=[".whl", ".device_data"]).
 set -euo pipefail
@@ -16,7 +17,7 @@ WHEELS=(
     tiatoolbox==2.1.3 dask==2026.7.0 zarr==3.1.6 numcodecs==0.16.6 donfig==0.8.1.post1
     google-crc32c==1.9.0 shapely==2.1.2 openslide-python==1.4.3 openslide-bin==4.0.1.1
     defusedxml==0.7.1 universal-pathlib==0.2.6 umap-learn==0.5.11 pynndescent==0.7.0
-    importlib-metadata==10.2.0 lazy-importer==0.1.0
+    importlib-metadata==10.2.0 lazy-importer==0.1.0 imagecodecs==2026.1.14
 )
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \

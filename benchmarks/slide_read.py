@@ -106,18 +106,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 # --------------------------------------------------------------------------- the slide
 
 
-def realistic_slide(cache: Path, side: int) -> Path:
-    """The 40x mosaic slide (see the module docstring), written once."""
+def realistic_slide(cache: Path, side: int, source: Path = SHARED_SLIDE) -> Path:
+    """The 40x mosaic slide (see the module docstring), written once, from ``source`` (the
+    shared slide) and TIAToolbox's packaged image."""
     path = cache / f"realistic_40x_{side}.svs"
     if path.is_file():
         return path
     from tiatoolbox.wsicore.wsireader import WSIReader
 
     log(f"writing {path} (once)")
-    reader = WSIReader.open(SHARED_SLIDE)
+    reader = WSIReader.open(source)
     width, height = reader.slide_dimensions(resolution=0, units="level")
     scan = np.ascontiguousarray(reader.read_bounds((0, 0, width, height), resolution=0,
                                                    units="level")[..., :3])
+    short = [(0, max(0, BLOCK - n)) for n in scan.shape[:2]] + [(0, 0)]
+    scan = np.pad(scan, short, mode="symmetric")  # a source smaller than a block: mirrored
     he = demo_he_image()
     he = np.concatenate([np.concatenate([he, he[:, ::-1]], 1),
                          np.concatenate([he[::-1], he[::-1, ::-1]], 1)], 0)

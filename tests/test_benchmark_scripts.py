@@ -21,7 +21,8 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BENCH = REPO_ROOT / "benchmarks"
 CPU_CHECKS = ["data", "cpu_d4"]
-CUDA_CHECKS = ["parity", "autocast", "engines", "pipeline", "bundle", "compile", "throughput"]
+CUDA_CHECKS = ["parity", "autocast", "engines", "pipeline", "slides", "bundle", "compile",
+               "throughput"]
 NO_CUDA = "skipped: CUDA not available"
 CHECK_KEYS = {"id", "number", "title", "status", "seconds", "message", "rows", "details"}
 ROW_KEYS = {"check", "result", "target", "status", "seconds"}
@@ -65,7 +66,7 @@ def test_gpu_check_quick_on_cpu_skips_every_cuda_check(tmp_path: Path) -> None:
         entry = checks[check_id]
         assert entry["status"] == "pass", entry
         assert entry["rows"] and all(set(row) == ROW_KEYS for row in entry["rows"])
-    assert report["summary"] == {"passed": 2, "failed": 0, "errors": 0, "skipped": 7,
+    assert report["summary"] == {"passed": 2, "failed": 0, "errors": 0, "skipped": 8,
                                  "exit_code": 0}
     assert report["machine"]["cuda_available"] is False
 
@@ -96,6 +97,47 @@ def _context(gpu_check: ModuleType, tmp_path: Path) -> Any:
 
     return gpu_check.Context(quick=True, device=torch.device("cpu"), workdir=tmp_path,
                              data_root=tmp_path, cuda=False)
+
+
+def test_gpu_check_slides_runs_on_the_cpu_in_quick_mode(gpu_check: ModuleType,
+                                                         tmp_path: Path) -> None:
+    """The realistic-slide check, run directly on the CPU (its CUDA targets are then only
+    reported): every row is there and the pipeline embedded the slide's tissue."""
+    ctx = gpu_check.Context(quick=True, device=__import__("torch").device("cpu"),
+                            workdir=tmp_path, data_root=gpu_check.default_data_root(),
+                            cuda=False)
+    rec = gpu_check.Recorder()
+    gpu_check.check_slides(ctx, rec)
+    checks = [row.check for row in rec.rows]
+    assert len(checks) == 5, checks  # loader, two encoders, distill, views
+    assert checks[0].startswith("realistic_40x_2048.svs: loader alone")
+    assert all(row.status in ("pass", "info") for row in rec.rows[:3]), rec.rows
+    details = rec.details
+    assert details["loader_tiles_per_s"] > 0
+    for model in ("equivit_disc_tiny_patch16_224", "kaiko-vits16"):
+        assert details[model]["patches"] > 8 and details[model]["ratio"] > 0
+    assert rec.rows[3].status == "pass"  # a student was written
+    assert details["views"]["new_views_per_s"] > 0 and details["student_images_per_s"] > 0
+
+
+def test_slide_read_quick_reports_loader_over_limit(tmp_path: Path) -> None:
+    """``slide_read.py`` on a small realistic slide: the table and the JSON, a ratio per loader
+    and worker count (values are measured, never asserted beyond being positive)."""
+    result = _run_script("slide_read.py", "--quick", "--side", "2048", "--no-views",
+                         "--workers", "0", "--cache", str(tmp_path / "cache"),
+                         "--out", str(tmp_path), timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / "slide_read.json").read_text())
+    names = [slide["slide"] for slide in report["slides"]]
+    assert names == ["realistic_40x_2048.svs", "CMU-1-Small-Region.svs"]
+    for slide in report["slides"]:
+        assert set(slide["limits"]) == {"openslide", "tifffile"}
+        loaders = {row["loader"] for row in slide["loaders"]}
+        assert {"per-tile", "decode-once/openslide", "decode-once/tifffile"} <= loaders
+        assert all(row["loader_over_limit"] > 0 for row in slide["loaders"])
+        assert slide["fixed"]["beyond_mask_s"] >= 0
+    assert report["slides"][0]["read_size"] == 448  # 40x read at 0.5 um/px: level 0, halved
+    assert "loader / limit" in result.stdout
 
 
 def test_gpu_check_reports_failures_errors_timeouts_and_budget(gpu_check: ModuleType,
