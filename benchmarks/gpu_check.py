@@ -683,7 +683,7 @@ def check_pipeline(ctx: Context, rec: Recorder) -> None:
 
 def loader_ceiling(slide: Path, workers: int) -> tuple[float, int]:
     """Tiles/s of the pipeline's loader alone (no model) on ``slide`` with ``workers``."""
-    from equivit_plugin.features.loader import make_loader, slide_chunks
+    from equivit_plugin.features.loader import make_loader, received, slide_chunks
     from equivit_plugin.features.reader import decoder_for, plan_read
     from equivit_plugin.features.slides import open_slide
     from equivit_plugin.features.tiles import tile_grid
@@ -694,8 +694,9 @@ def loader_ceiling(slide: Path, workers: int) -> tuple[float, int]:
     chunks = slide_chunks(0, slide, None, decoder_for(opened.reader), plan, grid.coords,
                           workers)
     start, n = time.perf_counter(), 0
-    for item in make_loader(lambda: chunks, workers=workers, pin_memory=False):
-        n += len(item["regions"])
+    loader = make_loader(lambda: chunks, workers=workers, pin_memory=False)
+    for item in loader:
+        n += len(received(loader, item))
     return n / (time.perf_counter() - start), n
 
 

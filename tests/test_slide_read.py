@@ -18,7 +18,7 @@ from equivit_plugin.features import extract_features, open_slide, read_features,
 from equivit_plugin.features.config import ExtractionConfig, default_workers
 from equivit_plugin.features.demo import write_aperio_svs
 from equivit_plugin.features.h5 import FeatureWriter
-from equivit_plugin.features.loader import make_loader, slide_chunks
+from equivit_plugin.features.loader import make_loader, received, slide_chunks
 from equivit_plugin.features.reader import (
     RegionReader,
     decoder_for,
@@ -146,15 +146,19 @@ def test_one_loader_serves_several_slides_and_reports_a_bad_one(tmp_path: Path,
             expected[seq] = [opened.reader.read_rect(
                 location=tuple(int(v) for v in xy), size=(plan.read_size,) * 2,
                 resolution=plan.level, units="level")[..., :3] for xy in grid.coords]
-    errors = set()
-    for item in make_loader(lambda: items, workers=2, pin_memory=False):
+    errors, seen = set(), []
+    loader = make_loader(lambda: items * 3, workers=2, pin_memory=False)  # buffers reused
+    for item in loader:
         if item["error"]:
             errors.add(item["slide"])
             continue
-        for k, region in enumerate(item["regions"].numpy()):
+        regions = received(loader, item)  # a copy: the worker's buffer goes back
+        seen.append(item["buffer"])
+        for k, region in enumerate(regions.numpy()):
             if item["slide"] in expected:
                 np.testing.assert_array_equal(region, expected[item["slide"]][item["start"] + k])
     assert errors == {2}
+    assert max(seen) < loader.prefetch_factor + 2  # each worker cycled through its own pool
 
 
 def test_pipeline_on_a_40x_slide_embeds_the_regions_read_back_from_its_coords(

@@ -31,7 +31,7 @@ from ..utils.precision import autocast
 from ..version import __version__
 from .config import ExtractionConfig
 from .h5 import FeatureWriter, is_complete, partial_path, read_attrs
-from .loader import RegionChunk, make_loader, slide_chunks
+from .loader import RegionChunk, make_loader, received, slide_chunks
 from .reader import LevelPlan, decoder_for, plan_read, resize_regions
 from .slides import OpenedSlide, SlideError, open_slide
 from .summary import ExtractionSummary, SlideRecord
@@ -354,11 +354,12 @@ def run_slides(slides: Sequence[Path], job: SlideJob, summary: ExtractionSummary
             for item in loader:
                 output = outputs.get(item["slide"])
                 if output is None:  # the rest of a slide that failed
+                    received(loader, item)
                     continue
                 try:
                     if item["error"]:
                         raise SlideError(f"{output.record.slide}: {item['error']}")
-                    regions = item["regions"]
+                    regions = received(loader, item)
                     if len(regions):
                         output.rows.append(np.arange(item["start"], item["start"] + len(regions)))
                         output.regions.append(regions.to(job.device, non_blocking=True))
