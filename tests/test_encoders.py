@@ -459,14 +459,18 @@ def _tiles_from_coords(slide: Path, h5: Path, count: int) -> tuple[np.ndarray, n
     import h5py
     from tiatoolbox.wsicore.wsireader import WSIReader
 
+    from equivit_plugin.features.reader import read_as_embedded
+
     with h5py.File(h5, "r") as handle:
         features, coords = handle["features"][:], handle["coords"][:]
         attrs = handle["coords"].attrs
         side, margin = int(attrs["context_size"]), int(attrs["context_margin_level0"])
         mpp = float(attrs["target_mpp"])
     reader = WSIReader.open(slide)
-    tiles = [reader.read_rect((int(x) - margin, int(y) - margin), (side, side),
-                              resolution=mpp, units="mpp")[..., :3] for x, y in coords[:count]]
+    # as embedded: read at TIAToolbox's level, resized in floating point (within OpenCV's
+    # rounding of read_rect at the target resolution; this 0.499 um/px slide is resized)
+    tiles = [read_as_embedded(reader, (int(x) - margin, int(y) - margin), side, mpp)
+             for x, y in coords[:count]]
     return np.stack(tiles), features
 
 

@@ -214,3 +214,49 @@ def test_default_workers_follow_the_device_and_the_cores(monkeypatch: pytest.Mon
     assert default_workers("cpu") == 0
     config = ExtractionConfig(slides=[SVS_20X], out_dir=tmp_path, device="cpu")
     assert config.workers == 0 and config.decoder == "auto"
+
+
+def test_distillation_targets_of_slide_tiles_are_read_as_the_pipeline_reads(
+        tmp_path: Path, svs_40x: Path) -> None:
+    """Teacher targets of slide tiles come through the decode-once loader: each equals an
+    independent D4 average of the teacher on the centre of its context read back with
+    ``read_as_embedded`` (a 40x slide: level 0 read, halved on the device)."""
+    import copy
+
+    from equivit_plugin.distill import collect_tiles
+    from equivit_plugin.distill.targets import targets_fingerprint, teacher_targets
+    from equivit_plugin.models import IMAGENET_MEAN, IMAGENET_STD, pooled_embedding
+
+    teacher, info = load_model("vit_tiny_patch16_224", num_classes=0, seed=0)
+    tiles = collect_tiles(224, slides=[svs_40x], stride=448, min_tissue=0.5)
+    assert len(tiles) >= 4
+    targets = teacher_targets(teacher.eval(), info, tiles, tmp_path / "t.h5",
+                              fingerprint=targets_fingerprint(info, tiles), mean=IMAGENET_MEAN,
+                              std=IMAGENET_STD, num_workers=1)
+    assert targets.readable.all()
+    reader = WSIReader.open(svs_40x)
+    reference_net = copy.deepcopy(teacher).double().eval()
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float64).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float64).view(1, 3, 1, 1)
+    for index in range(len(tiles)):
+        context = read_as_embedded(reader, tiles.context_xy[index], 448, 0.5)
+        tile = context[112:336, 112:336].astype(np.float64)
+        views = []
+        for k in range(4):
+            turned = np.rot90(tile, k, axes=(0, 1))
+            views += [turned, turned[:, ::-1]]
+        x = torch.from_numpy(np.stack(views) / 255.0).permute(0, 3, 1, 2)
+        with torch.no_grad():
+            reference = pooled_embedding(reference_net, (x - mean) / std).mean(0).numpy()
+        np.testing.assert_allclose(targets.values[index], reference, atol=2e-5, rtol=1e-4)
+
+
+def test_tifffile_decoder_on_a_slide_that_is_not_a_tiff_fails_that_slide_alone(
+        tmp_path: Path) -> None:
+    png = tmp_path / "plain.png"
+    cv2.imwrite(str(png), demo_he_image()[:448, :448, ::-1])
+    summary = extract_features([png, SVS_20X], tmp_path / "out", model=TINY, slide_mpp=0.5,
+                               decoder="tifffile", workers=0, print_summary=False)
+    assert [Path(p).name for p in summary.done] == [SVS_20X.name]
+    (failed,) = summary.failed
+    assert "decoder='tifffile'" in failed[1] and "plain.png" in failed[0]

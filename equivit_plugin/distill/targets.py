@@ -13,6 +13,11 @@ File (HDF5, written whole under a temporary name, then renamed)::
     errors    (N,)   str       why tile i could not be read ("" otherwise)
     attrs: fingerprint, teacher (JSON), tile_size, embed_dim, format_version
 
+Tiles from slides are read as the feature pipeline reads them
+(:mod:`equivit_plugin.features.loader`: each stored tile decoded once, the ``2T`` contexts in
+grid order, resized on the device), and the teacher sees each context's central ``T x T``;
+tiles from folders are read file by file.
+
 While it is being computed each ``torchrun`` rank fills its rows (``rank::world_size``) of
 its own ``<name>.part<rank>of<world>`` file, flushed after every batch, which a rerun
 continues; rank 0 then merges the parts.
@@ -36,6 +41,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..features.distributed import Ranks
+from ..features.loader import RegionChunk, make_loader, received, slide_chunks
+from ..features.reader import decoder_for, plan_read, resize_regions
+from ..features.slides import open_slide
 from ..models import ModelInfo, PooledEncoder
 from ..utils.atomic import atomic_path
 from .config import DistillError
@@ -145,6 +153,48 @@ def _open_part(path: Path, fingerprint: str, n_tiles: int, embed_dim: int) -> h5
     return handle
 
 
+def _store(part: h5py.File, index: np.ndarray, values: np.ndarray | None,
+           errors: list[str]) -> None:
+    """Write a batch's status and, for its readable rows (``errors[i] == ""``), its targets
+    (``values``: one row per readable row, in ``index`` order); flushed."""
+    index = np.asarray(index, dtype=np.int64)
+    ok = np.asarray([not e for e in errors], dtype=bool)
+    order = np.argsort(index)  # h5py writes at increasing indices only
+    if values is not None and ok.any():
+        readable = index[ok]
+        part["targets"][np.sort(readable)] = np.asarray(values)[np.argsort(readable)]
+    part["errors"][index[order]] = [errors[i] for i in order]
+    part["status"][index[order]] = np.where(ok[order], DONE, UNREADABLE).astype(np.int8)
+    part.flush()
+
+
+def _slide_work(tiles: DistillTiles, rows: np.ndarray, workers: int
+                ) -> tuple[list[RegionChunk], dict[int, np.ndarray], dict[int, str]]:
+    """The work items reading the ``2T`` contexts of the slide tiles among ``rows`` (each
+    slide's in grid order), each slide's tile indices in that order (an item's ``start``
+    indexes them), and the slides that cannot be opened, with why."""
+    items: list[RegionChunk] = []
+    order: dict[int, np.ndarray] = {}
+    failed: dict[int, str] = {}
+    offset = len(tiles.files)
+    slide_of = tiles.slide_index[rows - offset]
+    for slide in (int(s) for s in np.unique(slide_of)):
+        mine = rows[slide_of == slide]
+        xy = tiles.context_xy[mine - offset]
+        order[slide] = mine = mine[np.lexsort((xy[:, 0], xy[:, 1]))]  # rows of y, then x
+        path = tiles.slides[slide]
+        try:
+            opened = open_slide(path, tiles.slide_mpp)
+            plan = plan_read(opened.reader, 2 * tiles.tile_size, tiles.target_mpp)
+            decoder = decoder_for(opened.reader)
+        except Exception as error:  # one bad slide: its tiles are unreadable, not the run
+            failed[slide] = f"{type(error).__name__}: {error}"
+            continue
+        items += slide_chunks(slide, path, opened.mpp_override, decoder, plan,
+                              tiles.context_xy[mine - offset], workers)
+    return items, order, failed
+
+
 def _fill_part(encoder: nn.Module, tiles: DistillTiles, part: h5py.File, rows: np.ndarray, *,
                mean: torch.Tensor, std: torch.Tensor, batch_size: int, device: torch.device,
                num_workers: int, amp: bool, progress: bool) -> None:
@@ -152,23 +202,45 @@ def _fill_part(encoder: nn.Module, tiles: DistillTiles, part: h5py.File, rows: n
     todo = rows[status[rows] == PENDING]
     if not len(todo):
         return
-    loader = DataLoader(_TileReads(tiles, todo), batch_size=batch_size, num_workers=num_workers,
-                        shuffle=False)
     bar = tqdm(total=len(rows), initial=len(rows) - len(todo), unit="tile",
                desc="teacher targets (8 views each)", disable=not progress)
+    size = tiles.tile_size
+    files, slide_rows = todo[todo < len(tiles.files)], todo[todo >= len(tiles.files)]
     with torch.inference_mode(), torch.autocast(device.type, enabled=amp):
-        for index, batch, errors in loader:
-            index = index.numpy()
-            ok = np.asarray([not e for e in errors])
-            if ok.any():
-                x = batch[torch.from_numpy(ok)].to(device).permute(0, 3, 1, 2).float()
-                x = (x / 255.0 - mean) / std
-                values = encoder(x).float().cpu().numpy()
-                part["targets"][index[ok]] = values  # index is increasing: h5py's requirement
-            part["errors"][index] = list(errors)
-            part["status"][index] = np.where(ok, DONE, UNREADABLE).astype(np.int8)
-            part.flush()
-            bar.update(len(index))
+        if len(files):
+            loader = DataLoader(_TileReads(tiles, files), batch_size=batch_size,
+                                num_workers=num_workers, shuffle=False)
+            for index, batch, errors in loader:
+                ok = torch.from_numpy(np.asarray([not e for e in errors], dtype=bool))
+                values = None
+                if ok.any():
+                    x = batch[ok].to(device).permute(0, 3, 1, 2).float()
+                    values = encoder((x / 255.0 - mean) / std).float().cpu().numpy()
+                _store(part, index.numpy(), values, list(errors))
+                bar.update(len(index))
+        if len(slide_rows):
+            items, order, failed = _slide_work(tiles, slide_rows, num_workers)
+            for slide, reason in failed.items():
+                _store(part, order[slide], None, [reason] * len(order[slide]))
+                bar.update(len(order[slide]))
+            sizes = {(c.slide, c.start): len(c.corners) for c in items}
+            loader = make_loader(lambda: items, workers=num_workers,
+                                 pin_memory=device.type == "cuda")
+            for item in loader:
+                regions = received(loader, item)
+                start = item["start"]
+                index = order[item["slide"]][start:start + sizes[(item["slide"], start)]]
+                if item["error"]:
+                    _store(part, index, None, [item["error"]] * len(index))
+                elif len(index):
+                    # the 2T contexts resized on the device as the feature pipeline does;
+                    # the teacher sees their centres (DistillTiles.tile)
+                    x = regions.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+                    x = resize_regions(x, 2 * size)[..., size // 2:size // 2 + size,
+                                                    size // 2:size // 2 + size]
+                    values = encoder((x.contiguous() / 255.0 - mean) / std).float().cpu()
+                    _store(part, index, values.numpy(), [""] * len(index))
+                bar.update(len(index))
     bar.close()
 
 

@@ -32,7 +32,7 @@ from ..version import __version__
 from .config import ExtractionConfig
 from .h5 import FeatureWriter, is_complete, partial_path, read_attrs
 from .loader import RegionChunk, make_loader, received, slide_chunks
-from .reader import LevelPlan, decoder_for, plan_read, resize_regions
+from .reader import LevelPlan, decoder_for, open_tiles, plan_read, resize_regions
 from .slides import OpenedSlide, SlideError, open_slide
 from .summary import ExtractionSummary, SlideRecord
 from .tiles import TileGrid, tile_grid
@@ -188,12 +188,15 @@ def plan_slide(slide: Path, config: ExtractionConfig) -> SlidePlan:
     grid = tile_grid(opened, target_mpp=c.mpp, patch_size=c.patch_size, stride=c.stride,
                      tissue_mask=c.tissue_mask, min_tissue=c.min_tissue,
                      context_size=c.context)
+    read = plan_read(opened.reader, grid.context_size, c.mpp)
     try:
         decoder = decoder_for(opened.reader, c.decoder)
-    except ValueError as error:
-        raise SlideError(f"{slide}: {error}") from error
-    return SlidePlan(opened=opened, grid=grid, read=plan_read(opened.reader, grid.context_size,
-                                                              c.mpp), decoder=decoder)
+        if decoder == "tifffile":  # refused here, in one line, rather than in every worker
+            open_tiles(opened.reader, slide, read, decoder).file.close()
+    except Exception as error:  # tifffile's own errors for a file that is not a TIFF
+        raise SlideError(f"{slide}: decoder={c.decoder!r}: {type(error).__name__}: "
+                         f"{error}") from error
+    return SlidePlan(opened=opened, grid=grid, read=read, decoder=decoder)
 
 
 @dataclass
