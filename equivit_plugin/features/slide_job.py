@@ -315,14 +315,13 @@ def run_slides(slides: Sequence[Path], job: SlideJob, summary: ExtractionSummary
     """
     c = job.config
     outputs: dict[int, _Output] = {}
-    ahead: deque[tuple[int, Path, SlideRecord, float, Future]] = deque()
+    ahead: deque[tuple[int, Path, SlideRecord, Future]] = deque()  # being planned
 
     def chunks(pool: ThreadPoolExecutor) -> Iterator[RegionChunk]:
         queue = iter(enumerate(slides))
 
         def submit_next() -> None:
             for seq, slide in queue:
-                started = time.perf_counter()
                 h5_path = c.h5_dir / f"{slide.stem}.h5"
                 record = SlideRecord(slide=str(slide), status="done", rank=job.rank,
                                      output=str(h5_path))
@@ -331,16 +330,18 @@ def run_slides(slides: Sequence[Path], job: SlideJob, summary: ExtractionSummary
                 if kept is not None:
                     on_record(kept)
                     continue
-                ahead.append((seq, slide, record, started, pool.submit(plan_slide, slide, c)))
+                ahead.append((seq, slide, record, pool.submit(plan_slide, slide, c)))
                 return
 
         submit_next()
         while ahead:
-            seq, slide, record, started, future = ahead.popleft()
+            seq, slide, record, future = ahead.popleft()
             submit_next()  # the next slide's mask and grid while this one is read
             try:
-                output, items = _open_output(job, slide, seq, record, started, future.result(),
-                                             summary)
+                plan = future.result()
+                # the slide's time runs from its turn (its planning overlapped the slide before)
+                output, items = _open_output(job, slide, seq, record, time.perf_counter(),
+                                             plan, summary)
             except Exception as error:  # one bad slide must not stop the run
                 on_record(_failed(slide, error, job.rank))
                 continue
