@@ -188,17 +188,12 @@ def decode_limit(path: Path, opened: Any, plan: LevelPlan, corners: np.ndarray,
                 np.asarray(slide.read_region((int(col * tw * ds), int(row * th * ds)), level,
                                              (w, h)))
     else:
-        page, handle = source.page, source.file.filehandle
-        data = []
-        for row, col in needed:  # the bytes are read before timing: decoding alone
-            index = row * source.columns + col
-            handle.seek(page.dataoffsets[index])
-            data.append((index, handle.read(page.databytecounts[index])))
-        decode = page.decode
+        # the bytes are read before timing: decoding alone
+        data = [(row, col, source.raw(row, col)) for row, col in needed]
 
         def run() -> None:
-            for index, raw in data:
-                decode(raw, index, jpegtables=page.jpegtables)
+            for row, col, raw in data:
+                source.decode(raw, row, col)
     seconds, _ = timed(run, repeats)
     return {"stored_tiles": len(needed), "seconds": seconds,
             "stored_tiles_per_s": len(needed) / seconds}

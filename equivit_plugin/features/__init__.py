@@ -15,8 +15,10 @@ Modules (the names below load on first use: importing :mod:`.config` costs no to
 - :mod:`.config`: constants and :class:`ExtractionConfig`, the checked settings of a run;
 - :mod:`.slides`: which slides (files, folders, globs, lists); opening one;
 - :mod:`.tiles`: tissue tiles (TIAToolbox mask + grid) and the tile ``Dataset``;
+- :mod:`.reader`: regions cut from each stored tile decoded once; the device resize;
+- :mod:`.loader`: the run's one ``DataLoader`` over every slide's regions;
 - :mod:`.encoder`: the encoder (``load_model`` + ``PooledEncoder``);
-- :mod:`.slide_job`: one slide to one file (skip, embed, stream, commit);
+- :mod:`.slide_job`: the slides to their files (skip, plan ahead, embed, stream, commit);
 - :mod:`.distributed`: ``torchrun`` ranks, device, process group;
 - :mod:`.summary`: per-slide records and the run summary;
 - :mod:`.h5`: atomic streaming writer, :func:`read_features`;

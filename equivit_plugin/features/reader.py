@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,6 +131,9 @@ class TileSource:
         border; its first three channels are RGB."""
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Release what the source holds open (nothing, unless it opened the file itself)."""
+
     def shape_of(self, row: int, col: int) -> tuple[int, int]:
         """``(h, w)`` of tile ``(row, col)`` inside the level."""
         tw, th = self.tile_size
@@ -190,15 +193,27 @@ class _TifffileTiles(TileSource):
         self.columns = math.ceil(self.dimensions[0] / self.tile_size[0])
         self._decode = page.decode
 
-    def tile(self, row: int, col: int) -> np.ndarray:
+    def raw(self, row: int, col: int) -> bytes:
+        """The stored bytes of tile ``(row, col)`` (compressed)."""
         index = row * self.columns + col
         handle = self.file.filehandle
         handle.seek(self.page.dataoffsets[index])
-        data = handle.read(self.page.databytecounts[index])
+        return handle.read(self.page.databytecounts[index])
+
+    def decode(self, data: bytes, row: int, col: int) -> np.ndarray:
+        """Tile ``(row, col)`` decoded from its stored bytes (:meth:`raw`), cropped at the
+        level's border."""
+        index = row * self.columns + col
         decoded = self._decode(data, index, jpegtables=self.page.jpegtables)[0]
         tile = np.asarray(decoded).reshape(decoded.shape[-3:])  # (1, h, w, s) -> (h, w, s)
         h, w = self.shape_of(row, col)
         return tile[:h, :w]
+
+    def tile(self, row: int, col: int) -> np.ndarray:
+        return self.decode(self.raw(row, col), row, col)
+
+    def close(self) -> None:
+        self.file.close()
 
 
 def open_tiles(reader: Any, path: str | Path, plan: LevelPlan, decoder: str) -> TileSource | None:
@@ -228,6 +243,7 @@ class RegionReader:
     def __init__(self, reader: Any, plan: LevelPlan, source: TileSource | None) -> None:
         self.reader, self.plan, self.source = reader, plan, source
         self._cache: dict[tuple[int, int], np.ndarray] = {}
+        self._first_row = 0  # no cached row lies above it
         self.decoded = 0  # stored tiles decoded so far (each once, when read in grid order)
 
     def forget_above(self, y: int) -> None:
@@ -235,8 +251,11 @@ class RegionReader:
         if self.source is None:
             return
         first = y // self.source.tile_size[1]
+        if first <= self._first_row:  # a region of the same grid row: nothing to drop
+            return
         for key in [key for key in self._cache if key[0] < first]:
             del self._cache[key]
+        self._first_row = first
 
     def _tile(self, row: int, col: int) -> np.ndarray:
         tile = self._cache.get((row, col))
@@ -272,12 +291,12 @@ class RegionReader:
                                        resolution=self.plan.level, units="level")
         return np.ascontiguousarray(np.asarray(region)[..., :3], dtype=np.uint8)
 
-    def regions(self, corners: Iterable[Sequence[int]],
+    def regions(self, corners: np.ndarray | Sequence[Sequence[int]],
                 out: np.ndarray | None = None) -> np.ndarray:
         """``(N, S, S, 3)`` uint8 regions at ``corners`` (level pixels, grid order), written
         into ``out`` when given (e.g. a shared-memory tensor's array, so that a
         ``DataLoader`` worker hands it over without a copy)."""
-        corners = np.asarray(list(corners), dtype=np.int64).reshape(-1, 2)
+        corners = np.asarray(corners, dtype=np.int64).reshape(-1, 2)
         size = self.plan.read_size
         if out is None:
             out = np.empty((len(corners), size, size, 3), np.uint8)

@@ -192,7 +192,7 @@ def plan_slide(slide: Path, config: ExtractionConfig) -> SlidePlan:
     try:
         decoder = decoder_for(opened.reader, c.decoder)
         if decoder == "tifffile":  # refused here, in one line, rather than in every worker
-            open_tiles(opened.reader, slide, read, decoder).file.close()
+            open_tiles(opened.reader, slide, read, decoder).close()
     except Exception as error:  # tifffile's own errors for a file that is not a TIFF
         raise SlideError(f"{slide}: decoder={c.decoder!r}: {type(error).__name__}: "
                          f"{error}") from error
