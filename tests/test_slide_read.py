@@ -260,3 +260,11 @@ def test_tifffile_decoder_on_a_slide_that_is_not_a_tiff_fails_that_slide_alone(
     assert [Path(p).name for p in summary.done] == [SVS_20X.name]
     (failed,) = summary.failed
     assert "decoder='tifffile'" in failed[1] and "plain.png" in failed[0]
+
+
+def test_an_unknown_decoder_is_refused_naming_the_argument(tmp_path: Path) -> None:
+    from equivit_plugin.features import ExtractionConfigError
+
+    with pytest.raises(ExtractionConfigError, match=r"decoder= must be one of") as error:
+        ExtractionConfig(slides=[SVS_20X], out_dir=tmp_path, decoder="pyvips")
+    assert error.value.argument == "decoder"
