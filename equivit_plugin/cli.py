@@ -11,10 +11,14 @@ Subcommands:
 * ``equivit distill --teacher MODEL (--tiles DIR | --slides SLIDES) --out student.pt`` --
   distil a teacher's features into an exactly rotation-invariant Equi-ViT
   (:func:`equivit_plugin.distill.distill`; see ``docs/distillation.md``).
+* ``equivit export MODEL --format torchscript|onnx --out FILE`` -- a TorchScript or ONNX file
+  checked against the eager model (:func:`equivit_plugin.export.export_model`; see
+  ``docs/export.md``).
 
-Exit codes: 0 all slides ok (done or already complete; the report written), 1 some slides
-failed (listed in the summary; a slide unreadable while the report reads it), 2 usage errors
-(bad arguments, nothing processed).
+Exit codes: 0 all slides ok (done or already complete; the report written; the export
+written and checked), 1 some slides failed (listed in the summary; a slide unreadable while
+the report reads it; an exported file that does not compute what the model does, not
+written), 2 usage errors (bad arguments, nothing processed).
 
 Importing this module, ``--help`` and usage errors cost no torch, timm or TIAToolbox: the
 choices and defaults come from torch-free modules (:mod:`equivit_plugin.features.config`,
@@ -591,6 +595,61 @@ def _run_encoders(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+EXPORT_FORMAT_NAMES = ("torchscript", "onnx")  # equivit_plugin.export.EXPORT_FORMATS, torch-free
+
+
+def _add_export(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "export",
+        help="export a model to TorchScript or ONNX, checked against the eager model",
+        description=(
+            "Write MODEL as a TorchScript (.ts) or ONNX (.onnx) file whose output is the "
+            "model's logits (a classifier) or pooled features (B, D), with the batch as a "
+            "dynamic axis. Before the file appears it is loaded back and run (onnxruntime on "
+            "the CPU) on real H&E tiles and noise: its output must equal the eager model's "
+            "within --tolerance, and move no more than the model's under the 8 rotations/"
+            "flips. The file carries its input size, normalisation and class names."),
+        formatter_class=_HelpFormatter)
+    parser.add_argument("model", metavar="MODEL",
+                        help="a checkpoint (monai_bundle/models/model.pt, a distilled "
+                             "student...), a registered timm name (random weights), or a "
+                             "foundation model by name with --weights")
+    parser.add_argument("--format", choices=EXPORT_FORMAT_NAMES, default=None,
+                        help="file format (default: from --out's suffix, .ts or .onnx)")
+    parser.add_argument("--out", required=True, metavar="FILE", help="the file to write")
+    parser.add_argument("--weights", default=None, metavar="PATH",
+                        help="a foundation model's released weights")
+    parser.add_argument("--output", choices=("logits", "features"), default=None,
+                        help="what the file computes (default: logits for a classifier, else "
+                             "the pooled features)")
+    parser.add_argument("--opset", type=_positive_int, default=17, help="ONNX opset version")
+    parser.add_argument("--tolerance", type=_positive_float, default=1e-4,
+                        help="largest absolute difference allowed from the eager model")
+    parser.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="write without checking the file (ONNX checks need onnxruntime)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of random weights (registered model names only)")
+    parser.set_defaults(handler=_run_export, parser=parser)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from .export import ExportError, export_model
+
+    try:
+        result = export_model(args.model, args.out, args.format, weights=args.weights,
+                              output=args.output, opset=args.opset, tolerance=args.tolerance,
+                              verify=args.verify, seed=args.seed)
+    except ExportError as error:
+        message = cli_message(str(error), {**_flags(args.parser), "source": "MODEL:"})
+        usage = "nothing written" not in message
+        if usage:
+            return _usage_error(args.parser, message)
+        print(f"equivit export: {message}", file=sys.stderr)
+        return EXIT_FAILED_SLIDES
+    print(result.summary(), flush=True)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``equivit`` argument parser with its subcommands."""
     parser = argparse.ArgumentParser(
@@ -600,6 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_rotation_report(subparsers)
     _add_distill(subparsers)
     _add_encoders(subparsers)
+    _add_export(subparsers)
     return parser
 
 

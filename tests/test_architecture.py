@@ -18,7 +18,7 @@ LAYERS: dict[str, int] = {
     "utils": 0, "registration": 0, "version": 0,
     "layers": 1, "equivariance": 1,
     "models": 2,
-    "networks": 3, "tiatoolbox": 3,
+    "networks": 3, "tiatoolbox": 3, "export": 3, "lazyslide": 3, "eva": 3, "trident": 3,
     "bundle": 4, "features": 4,
     "robustness": 5, "distill": 5,
     "cli": 6,

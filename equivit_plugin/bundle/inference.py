@@ -52,6 +52,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..export import is_exported_path, load_exported
+from ..models import ModelInfo, load_model
 from ..utils.atomic import atomic_path, atomic_write_json, atomic_write_text
 from ..utils.demo_data import DEMO_IMAGE_SIZE, demo_he_image
 from .batches import (
@@ -78,6 +80,7 @@ __all__ = [
     "PredictionSummary",
     "collect_inputs",
     "demo_tiles",
+    "load_network",
     "predict",
 ]
 
@@ -97,6 +100,21 @@ class PredictionResumeError(ValueError):
 # --------------------------------------------------------------------------------------------
 # Inputs
 # --------------------------------------------------------------------------------------------
+
+
+def load_network(path: str | os.PathLike) -> tuple[nn.Module, ModelInfo]:
+    """The classifier ``inference.json`` runs (its ``ckpt_path``), with its class names: a
+    checkpoint (``models/model.pt``) through :func:`~equivit_plugin.models.load_model`, or a
+    file exported from one (``.ts``/``.onnx``, written by ``equivit export`` or
+    ``configs/export.json``) through :func:`~equivit_plugin.export.load_exported`.
+
+    Raises:
+        ValueError: no class names, not a checkpoint, or an exported file without its
+            metadata (the message names the file).
+    """
+    if is_exported_path(path):
+        return load_exported(path, require_class_names=True)
+    return load_model(path, require_class_names=True)
 
 
 def collect_inputs(input_dir: str | None = None,

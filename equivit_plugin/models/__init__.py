@@ -31,10 +31,11 @@ _LAZY_NAMES = {
     "model_config": "equivit", "model_name": "equivit",
     "HUB_PREFIXES": "factory", "ModelInfo": "factory", "ModelLoadError": "factory",
     "create_model": "factory", "is_hub_name": "factory", "unknown_source_reason": "factory",
-    "load_model": "factory",
+    "load_encoder": "factory", "load_model": "factory",
     "IMAGENET_MEAN": "preprocessing", "IMAGENET_STD": "preprocessing",
     "input_normalisation": "preprocessing", "normalise_batch": "preprocessing",
-    "normalise_tile": "preprocessing",
+    "normalise_tile": "preprocessing", "TileTransform": "preprocessing",
+    "tile_transform": "preprocessing",
     "LoadReport": "weights", "load_vit_weights": "weights",
 }
 
@@ -74,6 +75,7 @@ __all__ = [
     "is_checkpoint_path",
     "is_hub_name",
     "load_checkpoint",
+    "load_encoder",
     "load_model",
     "load_vit_weights",
     "model_config",
@@ -82,6 +84,8 @@ __all__ = [
     "normalise_tile",
     "pooled_embedding",
     "save_checkpoint",
+    "tile_transform",
+    "TileTransform",
     "unknown_source_reason",
 ]
 
@@ -121,6 +125,7 @@ if TYPE_CHECKING:
         ModelLoadError,
         create_model,
         is_hub_name,
+        load_encoder,
         load_model,
         unknown_source_reason,
     )
@@ -135,9 +140,11 @@ if TYPE_CHECKING:
     from .preprocessing import (
         IMAGENET_MEAN,
         IMAGENET_STD,
+        TileTransform,
         input_normalisation,
         normalise_batch,
         normalise_tile,
+        tile_transform,
     )
     from .weights import LoadReport, load_vit_weights
 

@@ -217,6 +217,10 @@ class EquiVisionTransformer(VisionTransformer):
     def forward_features(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                          is_causal: bool = False) -> torch.Tensor:
         """``(B, C, H, W) -> (B, num_prefix_tokens + N, D)``."""
+        if isinstance(is_causal, torch.Tensor):
+            # torch.onnx's TorchScript-based exporter passes the defaults of forward's
+            # arguments as traced tensors; attention wants the Python bool back.
+            is_causal = bool(is_causal)
         return super().forward_features(x, attn_mask=self._with_attn_bias(x, attn_mask),
                                         is_causal=is_causal)
 

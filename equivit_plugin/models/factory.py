@@ -36,12 +36,13 @@ from .checkpoint import (
     is_checkpoint_path,
     load_checkpoint,
 )
+from .embedding import PooledEncoder
 from .encoders import Ref, get_encoder, is_encoder
 from .foundation import RANDOM_WEIGHTS, FoundationLoadError, load_foundation_model, weights_sha256
 from .preprocessing import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["HUB_PREFIXES", "ModelInfo", "ModelLoadError", "create_model", "is_hub_name",
-           "load_model", "unknown_source_reason"]
+           "load_encoder", "load_model", "unknown_source_reason"]
 
 HUB_PREFIXES = ("hf-hub:", "hf_hub:")
 """timm's prefixes of a Hugging Face Hub model (``hf-hub:MahmoodLab/UNI``...)."""
@@ -315,3 +316,24 @@ def load_model(source: str | os.PathLike, *, weights: str | os.PathLike | None =
             f"{info.source} has no class names, so its predictions cannot be labelled; give "
             f"class_names=[...] or re-save it with save_checkpoint(..., class_names=[...])")
     return net, info
+
+
+def load_encoder(source: str | os.PathLike, *, weights: str | os.PathLike | None = None,
+                 d4_average: bool = False, seed: int | None = None,
+                 map_location: str | torch.device = "cpu") -> tuple[PooledEncoder, ModelInfo]:
+    """A tile encoder for the frameworks that take a module returning ``(B, D)``: any
+    :func:`load_model` source (a registered name is built without a head) wrapped in
+    :class:`~.embedding.PooledEncoder`, in eval mode.
+
+    Shapes:
+        ``(B, 3, S, S)`` tiles normalised with ``info.mean``/``info.std``
+        (:func:`~.preprocessing.tile_transform` makes them) -> ``(B, info.embed_dim)``.
+
+    Raises:
+        ModelLoadError: as :func:`load_model`.
+    """
+    named = not is_encoder(str(source)) and not is_checkpoint_path(source) \
+        and not is_hub_name(source)
+    net, info = load_model(source, weights=weights, seed=seed, map_location=map_location,
+                           **({"num_classes": 0} if named else {}))
+    return PooledEncoder(net, d4_average=d4_average).eval(), info

@@ -5,14 +5,16 @@ this package's own training, a foundation model's card otherwise).
 One arithmetic for every door: ``x * scale - shift`` with ``scale = 1 / (255 std)`` and
 ``shift = mean / std`` (computed once in float64, applied in float32), on numpy tiles
 (TIAToolbox's ``preproc``) and on torch batches on the device (the feature pipeline). The MONAI
-bundle's transforms use the ImageNet mean and std.
+bundle's transforms use the ImageNet mean and std. :class:`TileTransform` is the same
+arithmetic as a torchvision-style callable on PIL tiles, for the frameworks that take one
+(TRIDENT, LazySlide).
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -21,8 +23,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 if TYPE_CHECKING:
     from .factory import ModelInfo
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "input_normalisation", "normalise_batch",
-           "normalise_tile"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "TileTransform", "input_normalisation",
+           "normalise_batch", "normalise_tile", "tile_transform"]
 
 IMAGENET_MEAN: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_MEAN)
 IMAGENET_STD: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_STD)
@@ -91,3 +93,50 @@ def input_normalisation(info: ModelInfo) -> tuple[tuple[float, ...], tuple[float
         info: what :func:`~equivit_plugin.models.load_model` said about it.
     """
     return tuple(float(v) for v in info.mean), tuple(float(v) for v in info.std)
+
+
+class TileTransform:
+    """A torchvision-style transform: a PIL image or ``(H, W, 3)`` uint8 array -> float32
+    ``(3, S, S)`` tensor, normalised as :func:`normalise_tile` normalises.
+
+    A tile of another size is resized to ``S x S`` first: area averaging to shrink (what the
+    feature pipeline's reader does), bicubic to enlarge. Grayscale and RGBA PIL images are
+    converted to RGB. Picklable, so DataLoader workers can run it.
+
+    Args:
+        img_size: the model's input side ``S``; ``None`` keeps each tile's size.
+        mean, std: the model's normalisation of ``[0, 1]`` RGB (``ModelInfo.mean``/``.std``).
+    """
+
+    def __init__(self, img_size: int | None = 224, mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD) -> None:
+        self.img_size = None if img_size is None else int(img_size)
+        self.mean, self.std = _key(mean), _key(std)
+        _scale_shift(self.mean, self.std)  # a bad mean/std fails here, not in a worker
+
+    def __call__(self, tile: Any) -> torch.Tensor:
+        if hasattr(tile, "convert"):  # PIL
+            tile = tile.convert("RGB")
+        image = np.asarray(tile)
+        if image.ndim != 3 or image.shape[-1] != 3:
+            raise ValueError(f"expected an RGB tile (PIL image or (H, W, 3) array), got shape "
+                             f"{image.shape}")
+        size = self.img_size
+        if size is not None and image.shape[:2] != (size, size):
+            import cv2
+
+            shrink = image.shape[0] >= size and image.shape[1] >= size
+            image = cv2.resize(np.ascontiguousarray(image, dtype=np.uint8), (size, size),
+                               interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
+        normalised = normalise_tile(image, self.mean, self.std)
+        return torch.from_numpy(normalised).permute(2, 0, 1).contiguous()
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(img_size={self.img_size}, mean={self.mean}, "
+                f"std={self.std})")
+
+
+def tile_transform(info: ModelInfo, resize: bool = True) -> TileTransform:
+    """The :class:`TileTransform` of a model: its input size and normalisation (``info``
+    from :func:`~equivit_plugin.models.load_model`); ``resize=False`` keeps tiles' sizes."""
+    return TileTransform(info.img_size if resize else None, *input_normalisation(info))
