@@ -21,8 +21,8 @@ _LAZY_NAMES = {
     "EquiVisionTransformer": "models", "ModelInfo": "models", "create_model": "models",
     "load_model": "models", "load_vit_weights": "models", "pooled_embedding": "models",
 }
-_SUBPACKAGES = ("bundle", "cli", "equivariance", "features", "layers", "models", "networks",
-                "robustness", "tiatoolbox", "utils")
+_SUBPACKAGES = ("bundle", "cli", "equivariance", "eva", "export", "features", "lazyslide",
+                "layers", "models", "networks", "robustness", "tiatoolbox", "trident", "utils")
 
 __all__ = [
     "EquiVisionTransformer",
