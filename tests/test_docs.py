@@ -14,7 +14,7 @@ def python_blocks(page: Path) -> str:
 
 
 @pytest.mark.parametrize("page", ["tiatoolbox.md", "features.md", "rotation_report.md",
-                                  "distillation.md"])
+                                  "distillation.md", "export.md"])
 def test_python_examples_run(page: str, shared_data: Path, tmp_path: Path,
                              monkeypatch: pytest.MonkeyPatch,
                              capsys: pytest.CaptureFixture[str]) -> None:
@@ -32,6 +32,11 @@ def test_python_examples_run(page: str, shared_data: Path, tmp_path: Path,
     if page == "features.md":
         assert namespace["summary"].ok and len(namespace["summary"].done) == 2
         assert namespace["features"].shape == (78, 192) and namespace["coords"].shape == (78, 2)
+    if page == "export.md":
+        lines = printed.splitlines()
+        assert lines[0].startswith("logits 3 ") and lines[0].endswith(" True")
+        assert lines[1] == "('lung_aca', 'lung_n', 'lung_scc') 224"
+        assert lines[2].endswith(" True") and (tmp_path / "model.onnx").is_file()
     if page == "rotation_report.md":
         report = namespace["report"]
         assert [m["label"] for m in report["models"]] == ["vit_tiny_patch16_224",
