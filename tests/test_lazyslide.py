@@ -149,7 +149,7 @@ def test_the_door_holds_what_feature_extraction_takes(student: Path) -> None:
     encoder = lazyslide_model(student, d4_average=True)
     assert encoder.model_name == "student_d4" and encoder.feature_key("cells") == "student_d4_cells"
     assert set(encoder.arguments) == {"model", "transform", "model_name"}
-    assert isinstance(encoder.model, PooledEncoder) and encoder.model.float32
+    assert isinstance(encoder.model, PooledEncoder) and encoder.model.upcast
     assert not encoder.model.training
     assert isinstance(encoder.transform, TileTransform)
     assert encoder.transform.img_size == encoder.info.img_size == 224

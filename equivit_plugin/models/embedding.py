@@ -28,17 +28,17 @@ class PooledEncoder(nn.Module):
         d4_average: average each tile's embedding over its 8 rotations/flips
             (:data:`~equivit_plugin.equivariance.D4_TRANSFORMS`): exactly invariant to them
             with any model, at 8x the cost.
-        float32: return float32 whatever autocast computed in. Under bf16/fp16 autocast a
-            final linear layer (a student's projection) returns bf16/fp16; frameworks that
-            store ``output.cpu().numpy()`` (TRIDENT, LazySlide) fail on bf16 (numpy has none)
-            or store fp16.
+        upcast: return float32 where autocast left bf16/fp16 (a float64 model stays float64).
+            Under bf16/fp16 autocast a final linear layer (a student's projection) returns
+            bf16/fp16; frameworks that store ``output.cpu().numpy()`` (TRIDENT, LazySlide)
+            fail on bf16 (numpy has none) or store fp16.
     """
 
-    def __init__(self, net: nn.Module, d4_average: bool = False, float32: bool = False) -> None:
+    def __init__(self, net: nn.Module, d4_average: bool = False, upcast: bool = False) -> None:
         super().__init__()
         self.net = net
         self.d4_average = d4_average
-        self.float32 = float32
+        self.upcast = upcast
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.d4_average:
@@ -48,4 +48,6 @@ class PooledEncoder(nn.Module):
             stacked = torch.cat([transform(x) for _, transform in D4_TRANSFORMS])
             embedded = pooled_embedding(self.net, stacked)
             embedded = embedded.unflatten(0, (len(D4_TRANSFORMS), x.shape[0])).mean(0)
-        return embedded.float() if self.float32 else embedded
+        if self.upcast and embedded.dtype in (torch.float16, torch.bfloat16):
+            return embedded.float()
+        return embedded

@@ -323,8 +323,8 @@ def load_encoder(source: str | os.PathLike, *, weights: str | os.PathLike | None
                  map_location: str | torch.device = "cpu") -> tuple[PooledEncoder, ModelInfo]:
     """A tile encoder for the frameworks that take a module returning ``(B, D)``: any
     :func:`load_model` source (a registered name is built without a head) wrapped in
-    :class:`~.embedding.PooledEncoder`, in eval mode, whose output is float32 under any
-    autocast (what frameworks that store ``output.cpu().numpy()`` need).
+    :class:`~.embedding.PooledEncoder`, in eval mode, whose output is float32 (not bf16/fp16)
+    under any autocast (what frameworks that store ``output.cpu().numpy()`` need).
 
     Shapes:
         ``(B, 3, S, S)`` tiles normalised with ``info.mean``/``info.std``
@@ -338,4 +338,4 @@ def load_encoder(source: str | os.PathLike, *, weights: str | os.PathLike | None
         and not is_hub_name(source)
     net, info = load_model(source, weights=weights, seed=seed, map_location=map_location,
                            **({"num_classes": 0} if named else {}))
-    return PooledEncoder(net, d4_average=d4_average, float32=True).eval(), info
+    return PooledEncoder(net, d4_average=d4_average, upcast=True).eval(), info
