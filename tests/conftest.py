@@ -45,3 +45,14 @@ def crc_tiles(shared_data: Path) -> torch.Tensor:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+def small_checkpoint(path: Path, name: str, seed: int = 0, **model_kwargs) -> Path:
+    """A random checkpoint of ``name`` saved as the package saves every checkpoint
+    (``save_checkpoint``): features unless ``num_classes`` is given, 224 px unless
+    ``img_size`` is; weights drawn under ``torch.manual_seed(seed)``."""
+    from equivit_plugin.models import create_model, save_checkpoint
+
+    torch.manual_seed(seed)
+    kwargs = {"num_classes": 0, "img_size": 224, **model_kwargs}
+    return save_checkpoint(path, create_model(name, **kwargs), name, model_kwargs=kwargs)

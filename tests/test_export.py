@@ -16,7 +16,7 @@ import numpy as np
 import onnxruntime
 import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, small_checkpoint
 from monai.bundle import run as bundle_run
 
 from equivit_plugin.cli import main
@@ -30,9 +30,7 @@ from equivit_plugin.export import (
 )
 from equivit_plugin.models import (
     PooledEncoder,
-    create_model,
     load_model,
-    save_checkpoint,
 )
 
 BUNDLE = REPO_ROOT / "monai_bundle"
@@ -55,10 +53,7 @@ def _d4_variation(run, x: torch.Tensor) -> float:
 
 def _checkpoint(path: Path, name: str, **kwargs) -> Path:
     """A small random checkpoint of ``name`` (64 px, depth 2, features unless num_classes)."""
-    torch.manual_seed(0)
-    model_kwargs = {"num_classes": 0, **SMALL, **kwargs}
-    return save_checkpoint(path, create_model(name, **model_kwargs), name,
-                           model_kwargs=model_kwargs)
+    return small_checkpoint(path, name, **{**SMALL, **kwargs})
 
 
 def _resized(tiles: torch.Tensor, size: int) -> torch.Tensor:

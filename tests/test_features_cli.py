@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from conftest import small_checkpoint
 from PIL import Image
 
 pytest.importorskip("tiatoolbox")
@@ -24,7 +24,6 @@ from tiatoolbox import data as tia_data  # noqa: E402
 
 from equivit_plugin.features import read_features  # noqa: E402
 from equivit_plugin.features.h5 import is_complete  # noqa: E402
-from equivit_plugin.models import create_model, save_checkpoint  # noqa: E402
 
 RI_TINY = "equivit_ri_tiny_patch16_224"
 CONSOLE_SCRIPT = Path(sys.executable).with_name("equivit")
@@ -37,10 +36,7 @@ def _env() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(4)
-    net = create_model(RI_TINY, 0, depth=1)
-    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt", net, RI_TINY,
-                           model_kwargs={"depth": 1, "num_classes": 0, "img_size": 224})
+    return small_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt", RI_TINY, 4, depth=1)
 
 
 def _slides(folder: Path, n: int, size: int) -> list[Path]:

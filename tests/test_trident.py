@@ -22,7 +22,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, small_checkpoint
 from PIL import Image
 from test_docs import python_blocks
 from tiatoolbox.data import stain_norm_target
@@ -31,10 +31,8 @@ from torch.utils.data import DataLoader, Dataset
 from equivit_plugin.features import extract_features, read_features
 from equivit_plugin.features.demo import write_aperio_svs
 from equivit_plugin.models import (
-    create_model,
     load_encoder,
     pooled_embedding,
-    save_checkpoint,
     tile_transform,
 )
 from equivit_plugin.trident import (
@@ -153,30 +151,21 @@ def _patcher(image: np.ndarray, size: int, n: int = 4) -> list[tuple[Image.Image
 @pytest.fixture(scope="module")
 def ri_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A one-block Equi-ViT-RI tiny checkpoint (rotation invariant, 192 features)."""
-    torch.manual_seed(3)
-    net = create_model(RI_TINY, 0, depth=1)
-    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "ri.pt", net, RI_TINY,
-                           model_kwargs={"depth": 1, "num_classes": 0, "img_size": 224})
+    return small_checkpoint(tmp_path_factory.mktemp("ckpt") / "ri.pt", RI_TINY, 3, depth=1)
 
 
 @pytest.fixture(scope="module")
 def student_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A one-block disc student with a 192 -> 384 projection after pooling (a distilled
     student's layout: its features leave a linear layer)."""
-    torch.manual_seed(4)
-    kwargs = {"depth": 1, "num_classes": 0, "img_size": 224, "feature_dim": 384}
-    net = create_model(DISC_TINY, **kwargs)
-    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "student.pt", net, DISC_TINY,
-                           model_kwargs=kwargs)
+    return small_checkpoint(tmp_path_factory.mktemp("ckpt") / "student.pt", DISC_TINY, 4,
+                            depth=1, feature_dim=384)
 
 
 @pytest.fixture(scope="module")
 def vit_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A one-block plain ViT-tiny checkpoint (not rotation invariant)."""
-    torch.manual_seed(5)
-    net = create_model(VIT_TINY, 0, depth=1)
-    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "vit.pt", net, VIT_TINY,
-                           model_kwargs={"depth": 1, "num_classes": 0, "img_size": 224})
+    return small_checkpoint(tmp_path_factory.mktemp("ckpt") / "vit.pt", VIT_TINY, 5, depth=1)
 
 
 def _direct(source: Path | str, patcher: list, **kwargs: Any) -> np.ndarray:
