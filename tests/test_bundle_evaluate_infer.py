@@ -147,9 +147,11 @@ def test_configs_parse_with_bundle_keys(config: Path) -> None:
         assert key in parser, f"{config.name} lacks {key!r}"
     assert parser["bundle_root"] == "."
     assert parser["run"] == ["$@evaluator()"]
-    # The model comes from load_model (one place), the loader skips unreadable tiles.
-    assert "equivit_plugin.models.load_model(@ckpt_path, require_class_names=True)" in \
-        parser["model"]
+    # The model comes from load_model (one place; inference's load_network also takes an
+    # exported file), the loader skips unreadable tiles.
+    expected = ("equivit_plugin.bundle.inference.load_network(@ckpt_path)" if config == INFERENCE
+                else "equivit_plugin.models.load_model(@ckpt_path, require_class_names=True)")
+    assert expected in parser["model"]
     assert parser["dataset"]["_target_"] == "equivit_plugin.bundle.batches.TileDataset"
     assert parser["dataloader"]["collate_fn"] == "$equivit_plugin.bundle.batches.collate_tiles"
 
