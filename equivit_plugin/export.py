@@ -345,10 +345,8 @@ def export_model(source: str | os.PathLike, out: str | os.PathLike, format: str 
         raise ExportError("dtype= 'float64' is for TorchScript; ONNX files are float32")
     try:
         net, info = load_model(source, weights=weights, seed=seed)
-    except ValueError as error:  # ModelLoadError, and a checkpoint that is not one
+    except ValueError as error:  # ModelLoadError: unknown, missing or foreign source
         raise ExportError(f"source= {str(source)!r}: {error}") from error
-    except FileNotFoundError as error:
-        raise ExportError(f"source= {error}") from error
     if output is None:
         output = "logits" if info.num_classes else "features"
     if output == "logits" and not info.num_classes:

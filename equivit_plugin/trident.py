@@ -30,13 +30,13 @@ import torch
 from torch import nn
 
 from .models import ModelInfo, PooledEncoder, TileTransform, load_encoder, tile_transform
-from .utils.precision import canonical_precision
+from .utils.precision import PRECISIONS, autocast_dtype
 
 __all__ = ["TRIDENT_PRECISIONS", "TridentPatchModel", "default_enc_name", "features_dir",
            "trident_encoder", "trident_encoder_parts", "trident_precision"]
 
 TRIDENT_PRECISIONS: dict[str, torch.dtype] = {
-    "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    name: autocast_dtype(name) or torch.float32 for name in PRECISIONS}
 """This package's precision names -> the ``torch.dtype`` TRIDENT's ``precision`` is (TRIDENT
 autocasts to it unless it is ``torch.float32``)."""
 
@@ -53,7 +53,8 @@ def trident_precision(precision: Any = "fp32") -> torch.dtype:
     Raises:
         ValueError: anything else (the message lists the choices).
     """
-    return TRIDENT_PRECISIONS[canonical_precision(precision)]
+    # TRIDENT's "no autocast" is torch.float32 where this package's is None.
+    return autocast_dtype(precision) or torch.float32
 
 
 class TridentPatchModel(nn.Module):

@@ -173,6 +173,16 @@ def test_a_failed_check_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFix
     assert "nothing written" in capsys.readouterr().err
 
 
+def test_the_command_line_offers_the_exporters_choices_and_defaults() -> None:
+    """The CLI keeps its own torch-free copies (``--help`` imports no torch): they agree."""
+    from equivit_plugin.cli import EXPORT_FORMAT_NAMES, build_parser
+    from equivit_plugin.export import DEFAULT_OPSET, DEFAULT_TOLERANCE, EXPORT_FORMATS
+
+    arguments = build_parser().parse_args(["export", "m.pt", "--out", "m.ts"])
+    assert tuple(EXPORT_FORMATS) == EXPORT_FORMAT_NAMES
+    assert (arguments.opset, arguments.tolerance) == (DEFAULT_OPSET, DEFAULT_TOLERANCE)
+
+
 def test_bad_arguments_are_one_clear_line(tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     features = _checkpoint(tmp_path / "model.pt", "equivit_disc_tiny_patch16_224")

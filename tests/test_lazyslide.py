@@ -14,7 +14,7 @@ import numpy as np
 import openslide
 import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, small_checkpoint
 from test_docs import python_blocks
 
 from equivit_plugin.lazyslide import LazySlideEncoder, lazyslide_model
@@ -22,9 +22,7 @@ from equivit_plugin.models import (
     ModelLoadError,
     PooledEncoder,
     TileTransform,
-    create_model,
     load_encoder,
-    save_checkpoint,
     tile_transform,
 )
 
@@ -45,11 +43,8 @@ def slide(shared_data: Path) -> Path:
 def student(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A two-block ``equivit_disc_tiny`` checkpoint with a 64-wide projection (a stand-in for
     a distilled student; exactly invariant to 90-degree rotations)."""
-    torch.manual_seed(3)
-    kwargs = {"num_classes": 0, "depth": 2, "feature_dim": FEATURE_DIM}
-    net = create_model(STUDENT, **kwargs)
-    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "student.pt", net, STUDENT,
-                           model_kwargs=kwargs)
+    return small_checkpoint(tmp_path_factory.mktemp("ckpt") / "student.pt", STUDENT, 3,
+                            depth=2, feature_dim=FEATURE_DIM)
 
 
 @pytest.fixture(scope="module")
