@@ -16,8 +16,10 @@ from equivit_plugin.equivariance import D4_TRANSFORMS
 from equivit_plugin.layers import (
     ConvStem,
     DistanceAttentionBias,
+    GaussianBlur2d,
     GMRConvStemEmbed,
     default_stem_stages,
+    gaussian_taps,
     pairwise_distances,
 )
 from equivit_plugin.models import DEPTH_CHANGE
@@ -37,6 +39,9 @@ CONFIGS = {
     "disc": {"embed_layer": "gmr_stem", "embed_kwargs": {"norm_disc_radius": 1.0},
              "attn_bias": "distance", "global_pool": "avg", "disc_radius": 1.0},
     "disc_class_token": {"attn_bias": "distance", "global_pool": "token", "disc_radius": 0.8},
+    "disc_blur": {"embed_layer": "gmr_stem",
+                  "embed_kwargs": {"norm_disc_radius": 1.0, "blur_sigma": 0.7},
+                  "attn_bias": "distance", "global_pool": "avg", "disc_radius": 1.0},
 }
 
 
@@ -96,6 +101,42 @@ def test_conv_stem_on_a_rectangle_and_the_plain_conv_control() -> None:
     plain = ConvStem(3, 32, conv_layer=nn.Conv2d).double()
     image = torch.randn(1, 3, 64, 64, dtype=torch.float64)
     assert (plain(image.flip(-1)) - plain(image).flip(-1)).abs().max().item() > 1e-3
+
+
+def test_gaussian_blur_is_a_sampled_radial_gaussian() -> None:
+    blur = GaussianBlur2d(0.7).double()
+    assert blur.taps.numel() == 5 and "taps" not in blur.state_dict()  # derived from sigma
+    impulse = torch.zeros(1, 2, 9, 9, dtype=torch.float64)
+    impulse[:, :, 4, 4] = 1.0
+    kernel = blur(impulse)[0, 0, 2:7, 2:7]
+    # Independently: exp(-r^2 / (2 sigma^2)) on the 5 x 5 grid, normalised.
+    axis = torch.arange(-2.0, 3.0, dtype=torch.float64)
+    yy, xx = torch.meshgrid(axis, axis, indexing="ij")
+    expected = torch.exp(-(xx**2 + yy**2) / (2 * 0.7**2))
+    torch.testing.assert_close(kernel, expected / expected.sum(), atol=1e-15, rtol=0)
+    assert blur(impulse)[0, 1].equal(blur(impulse)[0, 0])  # depthwise, the same per channel
+    assert gaussian_taps(1.0).numel() == 5 and gaussian_taps(1.1).numel() == 7
+    for bad in (0, -1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="sigma must be a positive number"):
+            GaussianBlur2d(bad)
+
+
+def test_blurred_conv_stem_is_exactly_equivariant_and_blurs_before_each_stride() -> None:
+    embed = GMRConvStemEmbed(img_size=64, patch_size=16, embed_dim=32,
+                             blur_sigma=0.7).double()
+    stem = embed.proj
+    assert stem.blurred == (True, True, True, True)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    reference = _token_map(embed, x)
+    for name, op in D4.items():
+        err = (_token_map(embed, op(x)) - op(reference)).abs().max().item()
+        assert err < 1e-12, f"{name}: {err}"
+    # The same weights without the blur give other tokens: the blur is applied.
+    plain = GMRConvStemEmbed(img_size=64, patch_size=16, embed_dim=32).double()
+    plain.load_state_dict(embed.state_dict())
+    assert (_token_map(plain, x) - reference).abs().max().item() > 1e-3
+    # A stride-1 stage is not blurred (nothing is subsampled there).
+    assert ConvStem(3, 8, stages=((3, 1), (4, 2)), blur_sigma=1.0).blurred == (False, True)
 
 
 def test_conv_stem_arguments_are_checked() -> None:

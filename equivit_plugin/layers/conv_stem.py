@@ -14,7 +14,9 @@ Built from GMR convolutions it stays exactly equivariant to the 8 rotations/flip
   stage maps an input of side ``H`` (a multiple of ``s``) to ``H / s`` outputs whose windows,
   centred at ``s j + (s - 1) / 2``, are carried onto each other by a flip of the input;
 * ``GroupNorm`` and the activation act per sample on all positions alike (with statistics of
-  the whole map, or of its inscribed disc: :class:`~.disc.DiscGroupNorm`, also D4-symmetric).
+  the whole map, or of its inscribed disc: :class:`~.disc.DiscGroupNorm`, also D4-symmetric);
+* the optional anti-aliasing blur before each strided stage (:class:`~.blur.GaussianBlur2d`)
+  is a stride-1, odd, centred Gaussian: radially symmetric, size-preserving.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 from timm.layers import to_2tuple
 from torch import nn
 
+from .blur import GaussianBlur2d
 from .disc import DiscGroupNorm
 from .gmr_conv import GMRConv2d
 from .patch_embed import ProjectedPatchEmbed
@@ -58,7 +61,8 @@ def stem_group_norm(num_channels: int) -> nn.GroupNorm:
 
 
 class ConvStem(nn.Module):
-    """Strided convolution stages: ``conv -> norm -> act`` each, the last one ``conv`` only.
+    """Strided convolution stages: ``conv -> norm -> act`` each, the last one ``conv`` only;
+    with ``blur_sigma``, ``blur -> conv -> norm -> act`` for every stage whose stride is above 1.
 
     Args:
         in_chans: input channels ``C``.
@@ -68,6 +72,10 @@ class ConvStem(nn.Module):
         conv_layer: called as ``conv_layer(c_in, c_out, kernel_size=k, stride=s, padding=q)``.
         norm_layer: called with the channel count (default :func:`stem_group_norm`).
         act_layer: activation class.
+        blur_sigma: anti-aliasing: a Gaussian blur of this standard deviation (pixels of the
+            stage's input, :class:`~.blur.GaussianBlur2d`) before every strided stage, so that
+            subsampling does not fold detail finer than the new grid into the tokens (``None``:
+            no blur).
 
     Shapes:
         ``(B, C, H, W) -> (B, D, H / p, W / p)`` with ``p`` the product of the strides
@@ -83,6 +91,7 @@ class ConvStem(nn.Module):
         conv_layer: Callable[..., nn.Module] = GMRConv2d,
         norm_layer: Callable[[int], nn.Module] = stem_group_norm,
         act_layer: Callable[[], nn.Module] = nn.GELU,
+        blur_sigma: float | None = None,
     ) -> None:
         super().__init__()
         stages = tuple((int(k), int(s)) for k, s in stages)
@@ -102,13 +111,21 @@ class ConvStem(nn.Module):
         )
         self.norms = nn.ModuleList(norm_layer(c) for c in widths)
         self.act = act_layer()
+        # One blur module serves every stage: it has no parameters, only its sigma.
+        self.blur = GaussianBlur2d(blur_sigma) if blur_sigma is not None else None
+        self.blurred = tuple(self.blur is not None and s > 1 for _, s in stages)
         self.stages = stages
         self.stride = math.prod(s for _, s in stages)
 
+    def _conv(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        if self.blurred[index]:
+            x = self.blur(x)
+        return self.convs[index](x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for conv, norm in zip(self.convs, self.norms):
-            x = self.act(norm(conv(x)))
-        return self.convs[-1](x)
+        for index, norm in enumerate(self.norms):
+            x = self.act(norm(self._conv(index, x)))
+        return self._conv(len(self.convs) - 1, x)
 
     def extra_repr(self) -> str:
         return f"stages={self.stages}"
@@ -118,8 +135,9 @@ class GMRConvStemEmbed(ProjectedPatchEmbed):
     """Patch embedding by an exactly D4-equivariant GMR :class:`ConvStem`.
 
     A drop-in ``embed_layer`` for ``timm.models.VisionTransformer``: ``PatchEmbed``'s keywords
-    plus the stem's ``stages``, ``widths``, ``conv_layer``, ``norm_layer`` (``stem_norm_layer``)
-    and ``act_layer``, and ``norm_disc_radius``: take the stem's normalisation statistics over
+    plus the stem's ``stages``, ``widths``, ``conv_layer``, ``norm_layer`` (``stem_norm_layer``),
+    ``act_layer`` and ``blur_sigma`` (anti-aliasing before each strided stage), and
+    ``norm_disc_radius``: take the stem's normalisation statistics over
     the inscribed disc of each feature map (:class:`~.disc.DiscGroupNorm`, this radius), so
     that what lies outside the disc reaches no token inside it through the norms (a number,
     unlike ``stem_norm_layer``, so a checkpoint stays self-describing).
@@ -151,6 +169,7 @@ class GMRConvStemEmbed(ProjectedPatchEmbed):
         stem_norm_layer: Callable[[int], nn.Module] = stem_group_norm,
         act_layer: Callable[[], nn.Module] = nn.GELU,
         norm_disc_radius: float | None = None,
+        blur_sigma: float | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -163,7 +182,7 @@ class GMRConvStemEmbed(ProjectedPatchEmbed):
                 raise ValueError("give stem_norm_layer or norm_disc_radius, not both")
             stem_norm_layer = partial(DiscGroupNorm, radius=norm_disc_radius)
         proj = ConvStem(in_chans, embed_dim, stages, widths=widths, conv_layer=conv_layer,
-                        norm_layer=stem_norm_layer, act_layer=act_layer)
+                        norm_layer=stem_norm_layer, act_layer=act_layer, blur_sigma=blur_sigma)
         if proj.stride != patch[0]:
             raise ValueError(f"the stem's strides {[s for _, s in proj.stages]} multiply to "
                              f"{proj.stride}, but patch_size is {patch[0]}")
