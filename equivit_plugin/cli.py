@@ -267,12 +267,17 @@ def _add_rotation_report(subparsers: argparse._SubParsersAction) -> None:
             "central tile is embedded (no padding is ever read); per angle the mutual-kNN "
             "similarity (k neighbours, cosine) and the mean cosine to the unrotated features. "
             "Also sub-patch shifts of the crop, alone and after an exact 90-degree turn. All "
-            "models are measured on the same regions. Writes DIR/rotation_report.json and "
+            "models are measured on the same regions; with several slides or tile folders, "
+            "over all of them and per source. Writes DIR/rotation_report.json and "
             "DIR/rotation_report.png (see docs/rotation_report.md)."),
         formatter_class=_HelpFormatter)
-    parser.add_argument("slides", nargs="+", metavar="SLIDES",
+    parser.add_argument("slides", nargs="*", metavar="SLIDES",
                         help="slide files, directories, glob patterns, or .txt/.csv lists of "
                              "paths (CSV: column 'path' or 'slide', else the first)")
+    parser.add_argument("--tiles", action="append", default=[], metavar="DIR",
+                        help="a folder of tile images as one more source: each tile is the "
+                             "centre of a 2T context whose rest is its mirror image; repeat "
+                             "for several folders")
     parser.add_argument("--model", dest="models", action="append", default=None,
                         metavar="MODEL",
                         help=f"a foundation model by name (followed by its --weights), a "
@@ -341,17 +346,24 @@ def _number_cell(value: float | None) -> str:
 
 def format_report_table(report: Mapping[str, Any]) -> str:
     """The report as a compact text table, one row per model (mutual-kNN at the exact
-    90-degree turns, off the grid, per shift view; mean cosine off the grid)."""
+    90-degree turns, off the grid, per shift view; mean cosine off the grid); with several
+    sources, one row per model and source after its row over all of them."""
     shift_keys = list(report["models"][0]["shifts"]) if report["models"] else []
-    headers = ["model", "kNN 90/180/270", "kNN off-grid", *(f"kNN {k}" for k in shift_keys),
-               "cos off-grid"]
+    by_source = any(model.get("sources") for model in report["models"])
+    headers = ["model", *(["source"] if by_source else []), "kNN 90/180/270", "kNN off-grid",
+               *(f"kNN {k}" for k in shift_keys), "cos off-grid"]
     rows = []
     for model in report["models"]:
-        summary = model["summary"]
-        rows.append([model["label"], _number_cell(summary["grid90_mutual_knn"]),
-                     _number_cell(summary["off_grid_mutual_knn"]),
-                     *(_number_cell(model["shifts"][k]["mutual_knn"]) for k in shift_keys),
-                     _number_cell(summary["off_grid_mean_cosine"])])
+        parts = [("all", model), *(model.get("sources") or {}).items()]
+        for source, record in parts:
+            summary = record["summary"]
+            label = model["label"] if source == "all" else ""
+            rows.append([label, *([source] if by_source else []),
+                         _number_cell(summary["grid90_mutual_knn"]),
+                         _number_cell(summary["off_grid_mutual_knn"]),
+                         *(_number_cell(record["shifts"][k]["mutual_knn"])
+                           for k in shift_keys),
+                         _number_cell(summary["off_grid_mean_cosine"])])
     widths = [max(len(str(row[i])) for row in [headers, *rows]) for i in range(len(headers))]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
                        for i, (cell, w) in enumerate(zip(row, widths)))
@@ -363,13 +375,15 @@ def _run_rotation_report(args: argparse.Namespace) -> int:
     from .robustness.config import RotationReportError, angles_from_step
 
     parser: argparse.ArgumentParser = args.parser
+    if not args.slides and not args.tiles:
+        return _usage_error(parser, "give SLIDES, --tiles DIR or both")
     try:
         angles = angles_from_step(args.angle_step)
         from .features.encoder import RandomWeightsWarning
         from .features.slides import SlideError
         from .robustness.report import rotation_report
 
-        names = ("shifts", "k", "d4_average", "batch_size", "device", "target_mpp",
+        names = ("tiles", "shifts", "k", "d4_average", "batch_size", "device", "target_mpp",
                  "n_regions", "region_stride", "slide_mpp", "tissue_mask", "min_tissue", "seed",
                  "out_dir")
         with warnings.catch_warnings():
@@ -385,7 +399,7 @@ def _run_rotation_report(args: argparse.Namespace) -> int:
         return EXIT_FAILED_SLIDES
     for note in report["warnings"]:
         print(f"warning: {note}", file=sys.stderr)
-    slides = ", ".join(s["path"] for s in report["slides"] if s["regions"])
+    slides = ", ".join(s["path"] for s in report["sources"])
     step = f"{args.angle_step:g}"
     print(f"rotation report: {report['n_regions']} regions from {slides}; k={report['k']}, "
           f"angles every {step} deg, shifts {report['shifts'] or 'none'}"

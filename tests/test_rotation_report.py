@@ -21,10 +21,13 @@ from equivit_plugin.robustness import (
     REPORT_JSON,
     REPORT_PNG,
     Regions,
+    RotationReportError,
+    TileRegions,
     rotation_report,
     rotation_report_figure,
     sample_regions,
     spread_quota,
+    tile_regions,
 )
 
 TILE = 112
@@ -40,6 +43,12 @@ def slide(shared_data: Path) -> Path:
 @pytest.fixture(scope="module")
 def regions(slide: Path) -> Regions:
     return sample_regions(slide, tile_size=TILE, n_regions=N_REGIONS, seed=0)
+
+
+@pytest.fixture(scope="module")
+def crc_tiles(shared_data: Path) -> TileRegions:
+    # Read for 224 px models: a 112 px model's 2T region is then the 224 px tile itself.
+    return tile_regions(shared_data / "crc_tiles", tile_size=224, n_regions=6, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +124,7 @@ def direct_features(net: torch.nn.Module, views: np.ndarray) -> np.ndarray:
         return net.forward_head(net.forward_features(x), pre_logits=True).double().numpy()
 
 
-def float_regions(regions: Regions, count: int | None = None) -> np.ndarray:
+def float_regions(regions: Regions | TileRegions, count: int | None = None) -> np.ndarray:
     pixels = regions.read(TILE)[:count]
     return pixels.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255)
 
@@ -218,6 +227,78 @@ def test_report_numbers_equal_an_independent_computation(regions: Regions, vit: 
     assert any("RANDOM" in note for note in report["warnings"])
 
 
+def test_tile_regions_are_each_tile_inside_its_mirror_image(crc_tiles: TileRegions,
+                                                            shared_data: Path) -> None:
+    from PIL import Image
+
+    assert len(crc_tiles) == 6 and crc_tiles.found == 41
+    assert crc_tiles.source_names == ["crc_tiles"] * 6 and crc_tiles.name == "crc_tiles"
+    assert all(path.parent.parent == (shared_data / "crc_tiles").resolve()
+               for path in crc_tiles.files)
+    contexts, tiles = crc_tiles.read(), crc_tiles.read(TILE)
+    assert contexts.shape == (6, 448, 448, 3) and tiles.shape == (6, 224, 224, 3)
+    for row, path in enumerate(crc_tiles.files):
+        tile = np.asarray(Image.open(path).convert("RGB"))
+        np.testing.assert_array_equal(tiles[row], tile)  # 224 px tiles are not resized
+        np.testing.assert_array_equal(contexts[row], np.pad(tile, ((112, 112), (112, 112),
+                                                                   (0, 0)), mode="reflect"))
+    again = tile_regions(shared_data / "crc_tiles", tile_size=224, n_regions=6, seed=0)
+    assert again.files == crc_tiles.files
+    assert tile_regions(shared_data / "crc_tiles", tile_size=224, n_regions=6,
+                        seed=1).files != crc_tiles.files
+    listed = tile_regions(list(crc_tiles.files), tile_size=224, name="listed")
+    assert listed.files == crc_tiles.files and listed.name == "listed"
+    with pytest.raises(RotationReportError, match="no such folder") as error:
+        tile_regions(shared_data / "no_such_folder", tile_size=224)
+    assert error.value.argument == "tiles"
+    with pytest.raises(ValueError, match="at most 224"):
+        crc_tiles.read(448)
+
+
+@pytest.mark.filterwarnings("ignore::equivit_plugin.features.RandomWeightsWarning")
+def test_several_sources_are_measured_together_and_each_alone(
+        regions: Regions, crc_tiles: TileRegions, vit: tuple) -> None:
+    report = rotation_report([vit], [regions, crc_tiles], angles=[0, 30], shifts=[4], k=K,
+                             batch_size=8, progress=False)
+    record = report["models"][0]
+    assert [s["name"] for s in report["sources"]] == ["CMU-1-Small-Region", "crc_tiles"]
+    assert [s["kind"] for s in report["sources"]] == ["slide", "tiles"]
+    assert report["n_regions"] == N_REGIONS + 6
+    assert report["regions"]["source"] == ["CMU-1-Small-Region"] * N_REGIONS + ["crc_tiles"] * 6
+    assert report["regions"]["file"][-6:] == [str(path) for path in crc_tiles.files]
+    assert set(record["sources"]) == {"CMU-1-Small-Region", "crc_tiles"}
+    # Every number against features computed directly: pooled over all regions, and
+    # neighbours found within each source.
+    net = vit[0]
+    batch = np.concatenate([float_regions(regions), float_regions(crc_tiles)])
+    reference = direct_features(net, np.stack([view(b, 0) for b in batch]))
+    rows = {"CMU-1-Small-Region": slice(0, N_REGIONS), "crc_tiles": slice(N_REGIONS, None)}
+    for group, key, angle, shift in (("angles", "30", 30, 0), ("shifts", "4", 0, 4)):
+        features = direct_features(net, np.stack([view(b, angle, shift) for b in batch]))
+        assert record[group][key]["mutual_knn"] == pytest.approx(
+            brute_mutual_knn(reference, features, K), abs=1e-9)
+        for name, part in rows.items():
+            got = record["sources"][name]
+            assert got["n_regions"] == len(reference[part])
+            assert got[group][key]["mutual_knn"] == pytest.approx(
+                brute_mutual_knn(reference[part], features[part], K), abs=1e-9), (name, key)
+    alone = rotation_report([vit], regions, angles=[0, 30], shifts=[4], k=K, batch_size=8,
+                            progress=False)["models"][0]
+    assert "sources" not in alone  # one source: the pooled numbers are its numbers
+    assert alone["angles"] == record["sources"]["CMU-1-Small-Region"]["angles"]
+    # A source with no more than k regions counts in the pooled numbers only, with a note.
+    few = tile_regions(list(crc_tiles.files[:K]), tile_size=224, name="few")
+    report = rotation_report([vit], [regions, few], angles=[0, 30], shifts=[], k=K,
+                             progress=False)
+    assert set(report["models"][0]["sources"]) == {"CMU-1-Small-Region"}
+    assert any(note.startswith(f"few: {K} regions") for note in report["warnings"])
+    fig = rotation_report_figure(rotation_report(
+        [vit], [regions, crc_tiles], angles=[0, 30], shifts=[4], k=K, progress=False))
+    source_ax = fig.axes[3]
+    heights = [patch.get_height() for patch in source_ax.patches]
+    assert len(heights) == 4 and all(0 <= h <= 1 for h in heights)
+
+
 @pytest.mark.filterwarnings("ignore::equivit_plugin.features.RandomWeightsWarning")
 def test_invariant_model_scores_one_at_exact_turns_and_vit_does_not(
         regions: Regions, vit: tuple, equivit_ri: tuple) -> None:
@@ -284,8 +365,32 @@ def test_cli_writes_json_and_plot_with_models_side_by_side(
         assert heights == [model["shifts"][key]["mutual_knn"] for key in ("4", "4+rot90")]
 
 
+def test_cli_measures_tile_folders_per_source(slide: Path, shared_data: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "report"
+    code = main(["rotation-report", "--model", "vit_tiny_patch16_224", str(slide), "--tiles",
+                 str(shared_data / "crc_tiles"), "--out", str(out), "--regions", "6", "--k",
+                 "3", "--angle-step", "90", "--shifts", "4", "--no-progress"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    lines = printed.out.splitlines()
+    header = next(line for line in lines if line.startswith("model"))
+    assert "source" in header.split()
+    assert any(line.split()[0] == "vit_tiny_patch16_224" and line.split()[1] == "all"
+               for line in lines)
+    assert sum(line.split()[:1] in (["CMU-1-Small-Region"], ["crc_tiles"])
+               for line in lines) == 2
+    report = json.loads((out / REPORT_JSON).read_text())
+    assert [s["name"] for s in report["sources"]] == ["CMU-1-Small-Region", "crc_tiles"]
+    assert report["sources"][1]["regions"] == 6 and report["sources"][1]["tiles_found"] == 41
+    code = main(["rotation-report", "--out", str(tmp_path / "none"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "give SLIDES, --tiles DIR or both" in err[0]
+
+
 @pytest.mark.parametrize(("arguments", "expected"), [
     (["{missing}"], "no such file"),
+    (["{slide}", "--tiles", "{missing}"], "--tiles"),
     (["{slide}", "--model", "not_a_model"], "--model 'not_a_model' is neither a foundation model"),
     (["{slide}", "--regions", "5", "--k", "5"], "--k 5 must be smaller than the number of "
                                                  "regions (--regions 5)"),

@@ -57,12 +57,14 @@ __all__ = [
     "CenterSquareCropd",
     "EnsureRGBd",
     "LoadTiled",
+    "TileContextReader",
     "TileReadError",
     "check_readable",
     "class_folders",
     "class_names",
     "datalist",
     "discover_tiles",
+    "image_files_below",
     "is_image_file",
     "split_tiles",
     "tile_pixels",
@@ -105,6 +107,24 @@ def is_image_file(path: str | os.PathLike) -> bool:
     path = Path(path)
     visible = not path.name.startswith(".")
     return visible and path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+
+
+def image_files_below(folder: str | os.PathLike) -> list[Path]:
+    """Every image file (:func:`is_image_file`) in ``folder`` or below it, resolved, sorted.
+
+    Raises:
+        FileNotFoundError: ``folder`` is not a folder.
+        ValueError: it holds no image file (the message names it).
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such folder")
+    # Resolved, so a tile's name does not depend on the working directory or on links to it.
+    found = [p.resolve() for p in sorted(root.rglob("*")) if is_image_file(p)]
+    if not found:
+        raise ValueError(f"{root}: no image files ({', '.join(IMAGE_SUFFIXES)}) in it or "
+                         f"below it")
+    return found
 
 
 def class_folders(dataset_dir: str | os.PathLike) -> list[str]:
@@ -544,6 +564,41 @@ def tile_pixels(img_size: int = 224, keys: Sequence[str] = ("image",),
         *([CenterSquareCropd(keys)] if fit == "crop" else []),
         Resized(keys, spatial_size=(size, size), mode="bilinear", anti_aliasing=True),
     ])
+
+
+class TileContextReader:
+    """A tile image file as the centre of a ``2T x 2T`` context, the rest its mirror image.
+
+    The tile is read as the bundle reads tiles (:func:`tile_pixels`: centre square, resized to
+    ``T``) and padded by ``T / 2`` on every side with ``numpy.pad(mode="reflect")``, the border
+    MONAI's ``RandAffined`` augmentation uses, so that a view turned by any angle about the
+    centre, or shifted by a few pixels, reads no padding of zeros. Distillation's tile folders
+    and the rotation report's tile sources are read through here.
+
+    Args:
+        tile_size: ``T``.
+
+    Shapes:
+        ``reader(path) -> (2T, 2T, 3)`` uint8, the tile at ``[T/2 : T/2 + T]`` on both axes.
+    """
+
+    def __init__(self, tile_size: int) -> None:
+        self.tile_size = int(tile_size)
+        self._pixels: Compose | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"tile_size": self.tile_size, "_pixels": None}  # rebuilt in each process
+
+    def __call__(self, path: str | os.PathLike) -> np.ndarray:
+        """Raises :class:`TileReadError` (naming the file) when it cannot be read."""
+        size = self.tile_size
+        if self._pixels is None:
+            self._pixels = tile_pixels(size)
+        pixels = self._pixels({"image": str(path)})["image"]
+        tile = np.clip(np.rint(np.asarray(pixels)), 0, 255).astype(np.uint8)
+        half = size // 2
+        return np.pad(tile.transpose(1, 2, 0), ((half, size - half), (half, size - half),
+                                                (0, 0)), mode="reflect")
 
 
 def tile_transforms(

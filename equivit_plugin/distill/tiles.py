@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from ..bundle.data import is_image_file, tile_pixels
+from ..bundle.data import TileContextReader, image_files_below
 from ..features.slides import OpenedSlide, SlideError, open_slide, reopen, resolve_slides
 from ..features.tiles import read_tile, tile_grid
 from .config import DistillError
@@ -45,17 +45,10 @@ def tile_files(folders: Sequence[str | os.PathLike]) -> list[Path]:
     """
     files: list[Path] = []
     for folder in folders:
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise DistillError(f"tiles= {folder}: no such folder", "tiles")
-        # Resolved, so a tile's key (and the targets cache's fingerprint) does not depend on
-        # the working directory or on links to it.
-        found = [p.resolve() for p in sorted(folder.rglob("*"))
-                 if p.is_file() and is_image_file(p)]
-        if not found:
-            raise DistillError(f"tiles= {folder}: no image files (.png, .jpg, .tif...) in it or "
-                               f"below it", "tiles")
-        files += found
+        try:
+            files += image_files_below(folder)
+        except (OSError, ValueError) as error:
+            raise DistillError(f"tiles= {error}", "tiles") from error
     return files
 
 
@@ -81,7 +74,7 @@ class DistillTiles:
     target_mpp: float = 0.5
     slide_mpp: float | None = None
     _readers: dict[int, Any] = field(default_factory=dict, repr=False)
-    _pixels: Any = field(default=None, repr=False)
+    _tile_contexts: TileContextReader | None = field(default=None, repr=False)
     _pid: int = field(default_factory=os.getpid, repr=False)
 
     def __len__(self) -> int:
@@ -125,18 +118,13 @@ class DistillTiles:
             OSError, ValueError, RuntimeError: the file or slide region cannot be read (the
                 caller names the tile with :meth:`key`).
         """
-        size = self.tile_size
         if index < len(self.files):
-            if self._pixels is None:  # the bundle's tile reading, built once per process
-                self._pixels = tile_pixels(size)
-            pixels = self._pixels({"image": str(self.files[index])})["image"]
-            tile = np.clip(np.rint(np.asarray(pixels)), 0, 255).astype(np.uint8)
-            half = size // 2
-            return np.pad(tile.transpose(1, 2, 0), ((half, size - half), (half, size - half),
-                                                    (0, 0)), mode="reflect")
+            if self._tile_contexts is None:  # the bundle's tile reading, built once
+                self._tile_contexts = TileContextReader(self.tile_size)
+            return self._tile_contexts(self.files[index])
         row = index - len(self.files)
         return read_tile(self._reader(int(self.slide_index[row])), self.context_xy[row],
-                         2 * size, self.target_mpp)
+                         2 * self.tile_size, self.target_mpp)
 
     def tile(self, index: int) -> np.ndarray:
         """The tile itself, the context's centre: uint8 ``(T, T, 3)``."""

@@ -16,7 +16,8 @@ Modules (the names below load on first use: importing :mod:`.config` costs no to
 - :mod:`.config`: defaults, :class:`ReportSettings` (every argument checked once) and
   :class:`RotationReportError`;
 - :mod:`.regions`: :func:`sample_regions`, tissue regions as level-0 centres, read through
-  the feature pipeline at each model's tile size (:class:`Regions`);
+  the feature pipeline at each model's tile size (:class:`Regions`); :func:`tile_regions`,
+  a folder of tile images as a source (:class:`TileRegions`);
 - :mod:`.report`: :func:`rotation_report`, the run (its views are
   :func:`~equivit_plugin.equivariance.region_views`: rotate, then crop the centre);
 - :mod:`.plots`: :func:`rotation_report_figure`, :func:`plot_rotation_report`.
@@ -33,7 +34,8 @@ _LAZY_NAMES = {
     "DEFAULT_SHIFTS": "config", "REPORT_JSON": "config", "REPORT_PNG": "config",
     "ReportSettings": "config", "RotationReportError": "config",
     "angles_from_step": "config",
-    "Regions": "regions", "sample_regions": "regions", "spread_quota": "regions",
+    "RegionSet": "regions", "Regions": "regions", "TileRegions": "regions",
+    "sample_regions": "regions", "spread_quota": "regions", "tile_regions": "regions",
     "rotation_report": "report", "summarise": "report",
     "plot_rotation_report": "plots", "rotation_report_figure": "plots",
 }
@@ -45,9 +47,11 @@ __all__ = [
     "DEFAULT_SHIFTS",
     "REPORT_JSON",
     "REPORT_PNG",
+    "RegionSet",
     "Regions",
     "ReportSettings",
     "RotationReportError",
+    "TileRegions",
     "angles_from_step",
     "plot_rotation_report",
     "rotation_report",
@@ -55,6 +59,7 @@ __all__ = [
     "sample_regions",
     "spread_quota",
     "summarise",
+    "tile_regions",
 ]
 
 if TYPE_CHECKING:
@@ -70,7 +75,7 @@ if TYPE_CHECKING:
         angles_from_step,
     )
     from .plots import plot_rotation_report, rotation_report_figure
-    from .regions import Regions, sample_regions, spread_quota
+    from .regions import Regions, RegionSet, TileRegions, sample_regions, spread_quota, tile_regions
     from .report import rotation_report, summarise
 
 

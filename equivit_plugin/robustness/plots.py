@@ -29,9 +29,11 @@ def rotation_report_figure(report: Mapping[str, Any]) -> Figure:
 
     Panels: mutual-kNN similarity against the angle (y in ``[0, 1.02]``, with the chance level
     ``k / (N - 1)``), mean cosine against the angle (y zoomed to the values: cosines of
-    related features crowd below 1), and, when the report has shifts, one bar (mutual-kNN)
-    and one diamond (mean cosine) per model and shift view. One colour per model; exact
-    90-degree turns are marked by dotted verticals.
+    related features crowd below 1), when the report has shifts one bar (mutual-kNN)
+    and one diamond (mean cosine) per model and shift view, and when it has several sources
+    per source two bars per model: mutual-kNN off the grid (solid) and under the largest
+    shift (hatched). One colour per model; exact 90-degree turns are marked by dotted
+    verticals.
 
     Returns:
         The figure. In the angle panels each model's line is labelled with its ``label`` and
@@ -42,9 +44,11 @@ def rotation_report_figure(report: Mapping[str, Any]) -> Figure:
     if not models:
         raise ValueError("the report has no models to plot")
     shift_keys = list(models[0].get("shifts", {}))
-    panels = 3 if shift_keys else 2
+    sources = list(models[0].get("sources") or {})
+    ratios = [3, 3] + ([2] if shift_keys else []) + ([2] if sources else [])
+    panels = len(ratios)
     fig = Figure(figsize=(5.2 * panels, 4.4), layout="constrained")
-    axes = fig.subplots(1, panels, gridspec_kw={"width_ratios": [3, 3, 2][:panels]})
+    axes = fig.subplots(1, panels, gridspec_kw={"width_ratios": ratios})
     n, k = int(report["n_regions"]), int(report["k"])
 
     for ax, (metric, title) in zip(axes, _METRICS):
@@ -75,7 +79,7 @@ def rotation_report_figure(report: Mapping[str, Any]) -> Figure:
         ax.grid(True, alpha=0.3)
 
     if shift_keys:
-        ax = axes[-1]
+        ax = axes[2]
         positions = np.arange(len(shift_keys), dtype=float)
         width = 0.8 / len(models)
         for index, model in enumerate(models):
@@ -95,15 +99,45 @@ def rotation_report_figure(report: Mapping[str, Any]) -> Figure:
         ax.set_title("shifts: bars mutual-kNN, diamonds cosine")
         ax.grid(True, axis="y", alpha=0.3)
 
+    if sources:
+        _source_panel(axes[-1], models, sources, shift_keys)
+
     handles, labels = axes[0].get_legend_handles_labels()
     # Outside the axes: the curves can sit anywhere in [0, 1], a legend inside hides some.
     axes[-1].legend(handles, labels, fontsize="small", loc="upper left",
                     bbox_to_anchor=(1.02, 1.0))
-    slides = ", ".join(Path(s["path"]).stem for s in report.get("slides", []) if s["regions"])
+    slides = ", ".join(s.get("name") or Path(s["path"]).stem
+                       for s in report.get("sources") or report.get("slides", [])
+                       if s["regions"])
     extra = ", D4-averaged features" if report.get("d4_average") else ""
     fig.suptitle(f"Rotation report: {n} regions of {slides} at {report['target_mpp']} um/px"
                  f"{extra}")
     return fig
+
+
+def _source_panel(ax: Any, models: list[Mapping[str, Any]], sources: list[str],
+                  shift_keys: list[str]) -> None:
+    """Per source: off-grid mutual-kNN (solid) and under the largest plain shift (hatched)."""
+    plain = [key for key in shift_keys if "+" not in key]
+    shift = max(plain, key=int) if plain else None
+    positions = np.arange(len(sources), dtype=float)
+    bars = 2 if shift else 1
+    width = 0.8 / (len(models) * bars)
+    for index, model in enumerate(models):
+        records = [model["sources"][name] for name in sources]
+        x = positions - 0.4 + width * bars * index + width / 2
+        ax.bar(x, [r["summary"]["off_grid_mutual_knn"] or 0.0 for r in records], width=width,
+               color=f"C{index % 10}", alpha=0.75, label=f"_{model['label']} off-grid")
+        if shift:
+            ax.bar(x + width, [r["shifts"][shift]["mutual_knn"] for r in records], width=width,
+                   color=f"C{index % 10}", alpha=0.45, hatch="//", edgecolor="black",
+                   linewidth=0.3, label=f"_{model['label']} {shift} px")
+    ax.set_xticks(positions, [name if len(name) <= 14 else name[:13] + "..." for name in sources],
+                  rotation=20, ha="right")
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("mutual-kNN similarity")
+    ax.set_title("per source: off-grid" + (f" (solid), {shift} px (hatched)" if shift else ""))
+    ax.grid(True, axis="y", alpha=0.3)
 
 
 def plot_rotation_report(report: Mapping[str, Any], path: str | Path) -> Path:

@@ -7,14 +7,24 @@ so no padding is ever read. Regions are *defined by their centres*: a model with
 input size reads its own, smaller ``2T`` square around the same centres, so every model is
 measured on the same tissue.
 
-Candidates are the non-overlapping ``2T`` grid cells of
+Candidates are the ``2T`` grid cells of
 :func:`~equivit_plugin.features.tiles.tile_grid` that show enough tissue (TIAToolbox mask);
 the quota is spread over the slides as evenly as their candidates allow and drawn at random
 (``seed``), so a report is reproducible.
+
+Folders of tile images are sources too (:func:`tile_regions`): a tile, read as the bundle
+reads tiles (resized to ``T``), is the centre of a ``2T`` context whose rest is its mirror
+image (:class:`~equivit_plugin.bundle.data.TileContextReader`, as distillation reads tiles),
+so a view turned or shifted about the tile's centre reads tile pixels at its centre and
+mirrored ones towards its corners.
+
+Every region belongs to a *source*: its slide (the file stem) or its tile folder (the
+folder's name). The report compares features within each source as well as over all of them.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +33,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from ..bundle.data import TileContextReader, image_files_below
 from ..features.config import DEFAULT_MPP
 from ..features.slides import OpenedSlide, SlideError, open_slide, resolve_slides
 from ..features.tiles import read_tile, tile_grid
@@ -34,7 +45,8 @@ from .config import (
     RotationReportError,
 )
 
-__all__ = ["Regions", "sample_regions", "spread_quota"]
+__all__ = ["RegionSet", "Regions", "TileRegions", "sample_regions", "spread_quota",
+           "tile_regions"]
 
 
 @dataclass
@@ -71,6 +83,11 @@ class Regions:
     def slide_names(self) -> list[str]:
         """The slide file stem of each region (``N`` names)."""
         return [self.slides[i].stem for i in self.slide_index]
+
+    @property
+    def source_names(self) -> list[str]:
+        """The source of each region: its slide's file stem (``N`` names)."""
+        return self.slide_names
 
     def _slide(self, index: int) -> OpenedSlide:
         if index not in self._opened:
@@ -129,7 +146,8 @@ class Regions:
         counts = np.bincount(self.slide_index, minlength=len(self.slides))
         candidates = self.candidates or (None,) * len(self.slides)
         return {
-            "slides": [{"path": str(path), "tissue_regions": found, "regions": int(count)}
+            "slides": [{"path": str(path), "name": path.stem, "kind": "slide",
+                        "tissue_regions": found, "regions": int(count)}
                        for path, found, count in zip(self.slides, candidates, counts)],
             "regions": {
                 "slide_index": [int(i) for i in self.slide_index],
@@ -241,3 +259,128 @@ def sample_regions(slides: str | Path | Sequence[str | Path], *, tile_size: int,
                    centres=np.concatenate(chosen_centres), tile_size=tile_size,
                    target_mpp=float(target_mpp), slide_mpp=slide_mpp,
                    candidates=tuple(available), requested=n_regions, _opened=opened)
+
+
+@dataclass
+class TileRegions:
+    """Tile images as regions, one source: each tile the centre of a mirrored ``2T`` context.
+
+    Attributes:
+        name: the source's name (the folder's, unless given).
+        folder: where the tiles were found.
+        files: ``N`` tile files, one region each.
+        tile_size: the tile side ``T`` (tiles are resized to it as the bundle reads them);
+            :meth:`read` accepts ``T`` up to this.
+        target_mpp: the resolution the tiles are taken to have (recorded, not checked: tiles
+            carry no resolution).
+        found: image files in the folder (``files`` are drawn from them).
+        requested: how many regions were asked for.
+    """
+
+    name: str
+    folder: Path
+    files: tuple[Path, ...]
+    tile_size: int
+    target_mpp: float
+    found: int = 0
+    requested: int = 0
+    _cache: dict[int, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @property
+    def source_names(self) -> list[str]:
+        """The source of each region: :attr:`name` (``N`` names)."""
+        return [self.name] * len(self)
+
+    def read(self, tile_size: int | None = None, *, progress: bool = False) -> np.ndarray:
+        """The regions for a model of input side ``T' = tile_size``: the central ``2T'``
+        square of each tile's ``2T`` context.
+
+        Returns:
+            ``(N, 2T', 2T', 3)`` uint8 RGB, cached per size (shared: do not modify it).
+
+        Raises:
+            ValueError: ``tile_size`` is larger than the tiles were read for.
+            TileReadError: a tile cannot be read (the message names the file).
+        """
+        size = self.tile_size if tile_size is None else int(tile_size)
+        if not 0 < size <= self.tile_size:
+            raise ValueError(f"these tiles were read for models of at most {self.tile_size} "
+                             f"px, got tile_size={tile_size}")
+        if self.tile_size not in self._cache:
+            contexts = TileContextReader(self.tile_size)
+            out = np.empty((len(self), 2 * self.tile_size, 2 * self.tile_size, 3),
+                           dtype=np.uint8)
+            for row, path in enumerate(tqdm(self.files, desc=f"reading {self.name} tiles",
+                                            unit="tile", disable=not progress, leave=False)):
+                out[row] = contexts(path)
+            self._cache[self.tile_size] = out
+        if size not in self._cache:
+            start = self.tile_size - size
+            self._cache[size] = np.ascontiguousarray(
+                self._cache[self.tile_size][:, start:start + 2 * size, start:start + 2 * size])
+        return self._cache[size]
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able ``{"sources": [...], "tiles": [...]}``: the folder, the tiles found and
+        used, and each region's file."""
+        return {
+            "sources": [{"path": str(self.folder), "name": self.name, "kind": "tiles",
+                         "tiles_found": self.found, "regions": len(self),
+                         "context": "reflect"}],
+            "tiles": [str(path) for path in self.files],
+        }
+
+
+RegionSet = Regions | TileRegions
+"""Regions of one or more slides, or of one tile folder."""
+
+
+def tile_regions(tiles: str | Path | Sequence[str | Path], *, tile_size: int,
+                 target_mpp: float = DEFAULT_MPP, n_regions: int | None = None, seed: int = 0,
+                 name: str | None = None) -> TileRegions:
+    """Tile images as one source of regions.
+
+    Args:
+        tiles: a folder of tiles (``.png``, ``.jpg``, ``.tif``..., searched recursively), or
+            the tile files themselves.
+        tile_size: the largest model input side ``T``; tiles are resized to it.
+        target_mpp: the tiles' resolution, recorded in the report (tiles carry none).
+        n_regions: tiles to draw at random (``seed``); ``None``: all of them.
+        seed: which tiles are drawn.
+        name: the source's name (default: the folder's, or the files' common folder's).
+
+    Raises:
+        RotationReportError: a missing folder or file, or no image (``.argument`` is
+            ``"tiles"``); ``tile_size``/``n_regions`` that are not positive integers.
+    """
+    if isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < 1:
+        raise RotationReportError(f"tile_size= must be a positive integer, got {tile_size!r}",
+                                  "tile_size")
+    if n_regions is not None and (isinstance(n_regions, bool) or not isinstance(n_regions, int)
+                                  or n_regions < 1):
+        raise RotationReportError(f"n_regions= must be a positive integer or None, got "
+                                  f"{n_regions!r}", "n_regions")
+    if isinstance(tiles, (str, Path)):
+        try:
+            files = image_files_below(tiles)
+        except (OSError, ValueError) as error:
+            raise RotationReportError(f"tiles= {error}", "tiles") from error
+        folder = Path(tiles).resolve()
+    else:
+        files = [Path(path).resolve() for path in tiles]
+        if not files:
+            raise RotationReportError("tiles= no tile files given", "tiles")
+        missing = [str(path) for path in files if not path.is_file()]
+        if missing:
+            raise RotationReportError(f"tiles= {missing[0]}: no such file", "tiles")
+        folder = Path(os.path.commonpath([path.parent for path in files]))
+    chosen = files
+    if n_regions is not None and n_regions < len(files):
+        rows = np.sort(np.random.default_rng(seed).choice(len(files), n_regions, replace=False))
+        chosen = [files[i] for i in rows]
+    return TileRegions(name=name or folder.name, folder=folder, files=tuple(chosen),
+                       tile_size=tile_size, target_mpp=float(target_mpp), found=len(files),
+                       requested=len(files) if n_regions is None else n_regions)

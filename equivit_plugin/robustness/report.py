@@ -17,6 +17,9 @@ The protocol of Elphick et al. (arXiv 2412.11938), for any timm encoder:
    and the same after an exact 90-degree turn (``"s+rot90"``), against the same reference.
 
 The reference (0 degree) features are computed once per model and reused by every view.
+Regions come from sources (slides, tile folders); with more than one, every number is given
+over all regions (pooled: neighbours are found among all of them) and per source (neighbours
+within the source), so a model that is steady on one kind of tissue and not on another shows.
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ from .config import (
     angle_key,
 )
 from .plots import plot_rotation_report
-from .regions import Regions, sample_regions
+from .regions import RegionSet, TileRegions, sample_regions, tile_regions
 
 __all__ = ["REFERENCES", "ModelSource", "rotation_report", "summarise"]
 
@@ -236,17 +239,37 @@ def _random_weights_note(encoder: _Encoder, seed: int) -> str:
             f"numbers describe the untrained architecture, not a trained encoder")
 
 
-def _measure(encoder: _Encoder, regions: Regions, settings: ReportSettings,
+def _source_rows(regions: Sequence[RegionSet], k: int) -> dict[str, torch.Tensor]:
+    """Row indices of each source with more than ``k`` regions, in order of appearance."""
+    names = [name for region_set in regions for name in region_set.source_names]
+    rows: dict[str, list[int]] = {}
+    for row, name in enumerate(names):
+        rows.setdefault(name, []).append(row)
+    return {name: torch.tensor(found) for name, found in rows.items() if len(found) > k}
+
+
+def _read(regions: Sequence[RegionSet], size: int, progress: bool) -> torch.Tensor:
+    """``(N, 2T, 2T, 3)`` uint8 of every source, in order (each source caches its read)."""
+    parts = [region_set.read(size, progress=progress) for region_set in regions]
+    return torch.from_numpy(parts[0] if len(parts) == 1 else np.concatenate(parts))
+
+
+def _measure(encoder: _Encoder, regions: Sequence[RegionSet], settings: ReportSettings,
              device: torch.device, bar: tqdm, progress: bool) -> dict[str, Any]:
-    """Every view of one model: ``{"angles": ..., "shifts": ..., "seconds": ...}``."""
+    """Every view of one model: ``{"angles", "shifts", "sources", "seconds"}``; ``sources``
+    holds the same comparisons within each source (when there are several)."""
     started = time.perf_counter()
     size = encoder.tile_size
-    # Read once per tile size (cached in ``regions``), shared by every view and model.
-    pixels = torch.from_numpy(regions.read(size, progress=progress))
+    # Read once per tile size (cached by each source), shared by every view and model.
+    pixels = _read(regions, size, progress)
+    sources = _source_rows(regions, settings.k)
+    if len({name for region_set in regions for name in region_set.source_names}) < 2:
+        sources = {}  # one source: its numbers are the pooled ones
     module = PooledEncoder(encoder.net, d4_average=settings.d4_average).eval().to(device)
     mean = torch.tensor(encoder.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(encoder.std, device=device).view(1, 3, 1, 1)
     records: dict[str, dict[str, dict[str, float]]] = {"angles": {}, "shifts": {}}
+    per_source = {name: {"angles": {}, "shifts": {}} for name in sources}
     reference = None
     bar.set_postfix_str(encoder.label)
     with torch.inference_mode():
@@ -258,14 +281,87 @@ def _measure(encoder: _Encoder, regions: Regions, settings: ReportSettings,
                 reference = features  # the 0-degree view comes first
             else:
                 records[group][key] = _compare(reference, features, settings.k)
+                for name, rows in sources.items():
+                    per_source[name][group][key] = _compare(reference[rows], features[rows],
+                                                            settings.k)
             bar.update()
-    return {**records, "seconds": round(time.perf_counter() - started, 3)}
+    return {**records, "sources": per_source,
+            "seconds": round(time.perf_counter() - started, 3)}
+
+
+def _region_sets(slides: Any, tiles: Sequence[str | os.PathLike], settings: ReportSettings,
+                 tile_size: int, progress: bool) -> list[RegionSet]:
+    """The sources: the regions given, or those drawn from ``slides``, then one
+    :class:`TileRegions` per tile folder; source names made unique."""
+    if isinstance(slides, RegionSet):
+        sets: list[RegionSet] = [slides]
+    elif _is_region_sets(slides):
+        sets = list(slides)
+    elif slides is None or (not isinstance(slides, (str, os.PathLike)) and not len(slides)):
+        sets = []
+    else:
+        sets = [sample_regions(slides, tile_size=tile_size, target_mpp=settings.target_mpp,
+                               n_regions=settings.n_regions, min_tissue=settings.min_tissue,
+                               region_stride=settings.region_stride,
+                               tissue_mask=settings.tissue_mask, seed=settings.seed,
+                               slide_mpp=settings.slide_mpp, progress=progress)]
+    taken = {name for region_set in sets for name in region_set.source_names}
+    for folder in tiles:
+        found = tile_regions(folder, tile_size=tile_size, target_mpp=settings.target_mpp,
+                             n_regions=settings.n_regions, seed=settings.seed)
+        name, copy = found.name, 2
+        while name in taken:
+            name, copy = f"{found.name} ({copy})", copy + 1
+        found.name = name
+        taken.add(name)
+        sets.append(found)
+    if not sets:
+        raise RotationReportError("slides= give slides, tiles= or regions to measure on",
+                                  "slides")
+    resolutions = {region_set.target_mpp for region_set in sets}
+    if len(resolutions) > 1:
+        raise RotationReportError(f"slides= the regions are at several resolutions "
+                                  f"({sorted(resolutions)} um/px); compare them at one",
+                                  "slides")
+    for region_set in sets:
+        if tile_size > region_set.tile_size:
+            raise RotationReportError(
+                f"slides= the regions were sampled for tiles of {region_set.tile_size} px, but "
+                f"a model takes {tile_size} px: sample them with tile_size={tile_size}",
+                "slides")
+    return sets
+
+
+def _is_region_sets(value: Any) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes)) \
+        and len(value) > 0 and all(isinstance(v, RegionSet) for v in value)
+
+
+def _describe(sets: Sequence[RegionSet]) -> dict[str, Any]:
+    """The report's ``sources``, ``slides`` and ``regions`` entries."""
+    sources: list[dict[str, Any]] = []
+    slides: list[dict[str, Any]] = []
+    regions: dict[str, list[Any]] = {"source": [], "centres_level0": [], "file": []}
+    for region_set in sets:
+        described = region_set.describe()
+        regions["source"] += region_set.source_names
+        if isinstance(region_set, TileRegions):
+            sources += described["sources"]
+            regions["centres_level0"] += [None] * len(region_set)
+            regions["file"] += described["tiles"]
+        else:
+            slides += described["slides"]
+            sources += [slide for slide in described["slides"] if slide["regions"]]
+            regions["centres_level0"] += described["regions"]["centres_level0"]
+            regions["file"] += [None] * len(region_set)
+    return {"sources": sources, "slides": slides, "regions": regions}
 
 
 def rotation_report(
     models: ModelSource | Sequence[ModelSource] = DEFAULT_MODEL,
-    slides: str | Path | Sequence[str | Path] | Regions = (),
+    slides: str | Path | Sequence[str | Path] | RegionSet | Sequence[RegionSet] = (),
     *,
+    tiles: Sequence[str | os.PathLike] = (),
     angles: Sequence[float] | None = None,
     shifts: Sequence[int] = DEFAULT_SHIFTS,
     k: int = DEFAULT_K,
@@ -289,9 +385,13 @@ def rotation_report(
         models: one or more registered timm names (random weights drawn under ``seed``; the
             report warns), checkpoint paths (``models.save_checkpoint``), or built
             ``(model, ModelInfo)`` pairs. All are measured on the same regions.
-        slides: slide files, folders, globs or ``.txt``/``.csv`` lists, or :class:`Regions`
-            from :func:`~.regions.sample_regions` (then ``target_mpp``, ``n_regions``,
-            ``slide_mpp``, ``tissue_mask`` and ``min_tissue`` are the regions' own).
+        slides: slide files, folders, globs or ``.txt``/``.csv`` lists, or regions already
+            drawn - :class:`Regions` from :func:`~.regions.sample_regions`,
+            :class:`TileRegions` from :func:`~.regions.tile_regions`, or a list of them, each
+            drawn with its own settings (then ``target_mpp``, ``n_regions``, ``slide_mpp``,
+            ``tissue_mask`` and ``min_tissue`` are the regions' own).
+        tiles: folders of tile images, one source each (:func:`~.regions.tile_regions`: each
+            tile the centre of a mirrored ``2T`` context; at most ``n_regions`` per folder).
         angles: degrees (counter-clockwise); default ``0, 15, ..., 345``. 0, the reference,
             is always measured.
         shifts: sub-patch translations in pixels, each ``< T / 2``; ``()`` for none.
@@ -301,7 +401,8 @@ def rotation_report(
         batch_size: views per forward pass.
         device: where the models run (``"cpu"``, ``"cuda"``...).
         target_mpp: resolution regions are read at, micrometres per pixel.
-        n_regions: regions wanted (spread over the slides).
+        n_regions: regions wanted from the slides (spread over them), and at most this many
+            tiles from each tile folder.
         region_stride: step between candidate regions, in tile sizes (``2``: disjoint).
         slide_mpp: resolution of slides without metadata.
         tissue_mask: ``"morphological"``, ``"otsu"`` or ``"none"``.
@@ -314,10 +415,12 @@ def rotation_report(
 
     Returns:
         The JSON-able report: the protocol (``k``, ``angles``, ``shifts``, ``target_mpp``,
-        ``tile_sizes``, ``n_regions``, ``slides``, ``seed``, ``d4_average``...), ``version``,
-        ``date``, ``warnings`` and ``models``, one record per model with ``angles``
-        (``{"15": {"mutual_knn", "mean_cosine"}, ...}``, every angle but 0), ``shifts``
-        (``{"4": ..., "4+rot90": ...}``) and ``summary`` (:func:`summarise`). See
+        ``tile_sizes``, ``n_regions``, ``sources``, ``slides``, ``seed``, ``d4_average``...),
+        ``version``, ``date``, ``warnings`` and ``models``, one record per model with
+        ``angles`` (``{"15": {"mutual_knn", "mean_cosine"}, ...}``, every angle but 0),
+        ``shifts`` (``{"4": ..., "4+rot90": ...}``) and ``summary`` (:func:`summarise`), over
+        all regions; with several sources also ``sources``: ``{name: {"n_regions", "angles",
+        "shifts", "summary"}}`` within each source of more than ``k`` regions. See
         ``docs/rotation_report.md``.
 
     Raises:
@@ -331,7 +434,7 @@ def rotation_report(
         slide_mpp=slide_mpp, tissue_mask=tissue_mask, min_tissue=min_tissue,
         batch_size=batch_size, seed=seed, d4_average=d4_average)
     torch_device = _device(device)
-    if not isinstance(slides, Regions):
+    if not isinstance(slides, RegionSet) and not _is_region_sets(slides) and slides:
         try:
             paths = resolve_slides(slides)
         except ValueError as error:
@@ -339,6 +442,9 @@ def rotation_report(
         missing = [str(path) for path in paths if not path.is_file()]
         if missing:
             raise RotationReportError(f"slides= {missing[0]}: no such file", "slides")
+        slides = paths
+    if isinstance(tiles, (str, os.PathLike)):
+        tiles = [tiles]
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         try:
@@ -355,29 +461,29 @@ def rotation_report(
                 f"shifts= {too_far[0]} px must be smaller than half the tile size "
                 f"({encoder.tile_size} / 2) of {encoder.label}", "shifts")
     largest = max(encoder.tile_size for encoder in encoders)
-    if isinstance(slides, Regions):
-        regions = slides
-        if largest > regions.tile_size:
-            raise RotationReportError(
-                f"slides= the regions were sampled for tiles of {regions.tile_size} px, but "
-                f"a model takes {largest} px: sample them with tile_size={largest}", "slides")
-    else:
-        regions = sample_regions(paths, tile_size=largest, target_mpp=settings.target_mpp,
-                                 n_regions=settings.n_regions, min_tissue=settings.min_tissue,
-                                 region_stride=settings.region_stride,
-                                 tissue_mask=settings.tissue_mask, seed=settings.seed,
-                                 slide_mpp=settings.slide_mpp, progress=progress)
-    if len(regions) <= settings.k:
-        names = ", ".join(path.name for path in regions.slides)
+    region_sets = _region_sets(slides, tiles, settings, largest, progress)
+    n_found = sum(len(region_set) for region_set in region_sets)
+    if n_found <= settings.k:
+        names = ", ".join(sorted({n for r in region_sets for n in r.source_names}))
         raise RotationReportError(
-            f"k={settings.k} needs at least {settings.k + 1} regions, but only {len(regions)} "
-            f"tissue regions of {2 * largest} px were found in {names}; lower k=, give more "
+            f"k={settings.k} needs at least {settings.k + 1} regions, but only {n_found} "
+            f"regions of {2 * largest} px were found in {names}; lower k=, give more "
             f"slides or a lower min_tissue=", "k")
 
     notes = []
-    if len(regions) < regions.requested:
-        notes.append(f"{regions.requested} regions were asked for, the slides hold "
-                     f"{len(regions)}")
+    for region_set in region_sets:
+        if len(region_set) < region_set.requested:
+            where = region_set.name if isinstance(region_set, TileRegions) else "the slides"
+            notes.append(f"{region_set.requested} regions were asked for, {where} hold "
+                         f"{len(region_set)}")
+    counts: dict[str, int] = {}
+    for name in (n for r in region_sets for n in r.source_names):
+        counts[name] = counts.get(name, 0) + 1
+    if len(counts) > 1:
+        for name, count in counts.items():
+            if count <= settings.k:
+                notes.append(f"{name}: {count} regions, not more than k={settings.k}: "
+                             f"measured in the pooled numbers only")
     for encoder in encoders:
         if encoder.info.random_weights:
             notes.append(_random_weights_note(encoder, settings.seed))
@@ -389,7 +495,7 @@ def rotation_report(
     with tqdm(total=len(encoders) * len(views), desc="rotation report", unit="view",
               disable=not progress) as bar:
         for encoder in encoders:
-            measured = _measure(encoder, regions, settings, torch_device, bar, progress)
+            measured = _measure(encoder, region_sets, settings, torch_device, bar, progress)
             info = encoder.info
             records.append({
                 "label": encoder.label, "source": encoder.source, "name": info.name,
@@ -399,9 +505,14 @@ def rotation_report(
                 "data_config": encoder.data_config, "seconds": measured["seconds"],
                 "angles": measured["angles"], "shifts": measured["shifts"],
                 "summary": summarise(measured["angles"], measured["shifts"]),
+                **({"sources": {
+                    name: {"n_regions": counts[name], **values,
+                           "summary": summarise(values["angles"], values["shifts"])}
+                    for name, values in measured["sources"].items()}}
+                   if measured["sources"] else {}),
             })
 
-    described = regions.describe()
+    described = _describe(region_sets)
     report: dict[str, Any] = {
         "version": __version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -409,16 +520,17 @@ def rotation_report(
         "k": settings.k,
         "angles": [float(a) for a in settings.angles],
         "shifts": list(settings.shifts),
-        "target_mpp": regions.target_mpp,
+        "target_mpp": region_sets[0].target_mpp,
         "tile_sizes": {e.label: e.tile_size for e in encoders},
         "region_sizes": {e.label: 2 * e.tile_size for e in encoders},
-        "n_regions": len(regions),
-        "n_regions_requested": regions.requested,
+        "n_regions": n_found,
+        "n_regions_requested": sum(region_set.requested for region_set in region_sets),
         "region_stride": settings.region_stride,
         "seed": settings.seed,
         "d4_average": settings.d4_average,
         "tissue_mask": settings.tissue_mask,
         "min_tissue": settings.min_tissue,
+        "sources": described["sources"],
         "slides": described["slides"],
         "regions": described["regions"],
         "models": records,
