@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BENCH = REPO_ROOT / "benchmarks"
@@ -254,3 +255,57 @@ def test_distillation_knn_and_probe_helpers_match_scikit_learn() -> None:
     assert distillation.cosine(shifted, shifted[::-1]) > 0.99  # the common component
     assert abs(distillation.cosine(shifted, shifted[::-1], shifted.mean(0))) < 0.5
     assert distillation.probe(train, train_y).score(train, train_y) > 0.8
+
+
+def test_rotation_robustness_aggregates_seeds_per_source_and_checks_targets() -> None:
+    sys.path.insert(0, str(BENCH))
+    try:
+        robustness = importlib.import_module("rotation_robustness")
+    finally:
+        sys.path.remove(str(BENCH))
+
+    def record(label: str, eight: float, per_source: dict[str, float]) -> dict[str, Any]:
+        def summary(value: float) -> dict[str, float]:
+            return {key: value for key, _ in robustness.METRICS} | {"shift_8_mutual_knn": value}
+        return {"label": label, "summary": summary(eight),
+                "sources": {name: {"summary": summary(v)} for name, v in per_source.items()}}
+
+    report = {"sources": [{"name": "slide"}, {"name": "tiles"}], "models": [
+        record("vit_tiny/seed0", 0.5, {"slide": 0.5, "tiles": 0.9}),
+        record("vit_tiny/seed1", 0.7, {"slide": 0.6, "tiles": 0.8}),
+        record("equivit_disc_tiny/seed0", 0.8, {"slide": 0.95, "tiles": 0.95}),
+        record("equivit_disc_tiny/seed1", 0.9, {"slide": 0.87, "tiles": 0.91}),
+    ]}
+    runs = {"vit_tiny": ["vit_tiny/seed0", "vit_tiny/seed1"],
+            "equivit_disc_tiny": ["equivit_disc_tiny/seed0", "equivit_disc_tiny/seed1"]}
+    table = robustness.aggregate(report, runs, {"vit_tiny": [0.8, 0.9],
+                                                "equivit_disc_tiny": [0.9, 0.92]})
+    assert list(table) == ["all", "slide", "tiles"]
+    eight = table["slide"]["equivit_disc_tiny"]["shift_8_mutual_knn"]
+    assert eight["values"] == [0.95, 0.87] and eight["mean"] == pytest.approx(0.91)
+    assert eight["sd"] == pytest.approx(np.std([0.95, 0.87], ddof=1))
+    assert table["all"]["vit_tiny"]["accuracy"]["mean"] == pytest.approx(0.85)
+    got = robustness.targets(table, {"equivit_disc_tiny": 0.95}, "equivit_disc_tiny")
+    # slide: 0.91 (>= 0.90, +0.36 over ViT); tiles: 0.93 but only +0.08 over ViT's 0.85
+    assert got["shift_8_min"] == pytest.approx(0.91)
+    assert got["shift_8_over_vit_min"] == pytest.approx(0.08)
+    assert got["shift_8_at_least_0.90"] and not got["shift_8_vit_plus_0.10"]
+    assert got["accuracy_not_below_vit"] and got["inference_at_least_0.90x"]
+    text = robustness.render({
+        "table": table, "candidates": list(runs), "machine": "cpu", "command": "python x",
+        "seeds": {"vit_tiny": [0, 1], "equivit_disc_tiny": [0, 1]},
+        "rotation_report": {"k": 10, "n_regions": 4, "sources": [
+            {"name": "slide", "kind": "slide", "regions": 2},
+            {"name": "tiles", "kind": "tiles", "regions": 2}]},
+        "targets": {"equivit_disc_tiny": got}})
+    slide_rows = text.split("## slide")[1].split("##")[0]
+    assert "| 0, 1 |" in slide_rows and "0.910 ± 0.057" in slide_rows
+    assert "| 0.910 (met) | +0.080 (missed) | yes | 0.950x |" in text
+    # The reference encoder pools an ideal descriptor: a shift of the view by whole pixels
+    # equals the descriptor map shifted, away from the border (no patch grid, no aliasing).
+    reference = robustness.WindowedDescriptors("square", tile_size=32).eval()
+    x = torch.rand(1, 3, 48, 48)
+    with torch.no_grad():
+        whole = reference.forward_features(x)
+        assert torch.allclose(reference.forward_features(x[..., 4:36, 4:36])[..., 3:-3, 3:-3],
+                              whole[..., 7:33, 7:33], atol=1e-5)
