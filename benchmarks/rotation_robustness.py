@@ -156,8 +156,9 @@ def data_dir() -> Path:
 
 
 def run_name(name: str, seed: int) -> str:
-    """``"equivit_disc_tiny/seed1"``: a trained run, its label in the report."""
-    return f"{name}/seed{seed}"
+    """``"equivit_disc_tiny-seed1"``: a trained run, its label in the report (no ``/``: the
+    report labels a model by the last part of its source)."""
+    return f"{name}-seed{seed}"
 
 
 # --------------------------------------------------------------------------- training
@@ -339,15 +340,15 @@ def aggregate(report: Mapping[str, Any], runs: Mapping[str, Sequence[str]],
     standard deviation over its runs (seeds).
 
     Args:
-        report: the rotation report; models are found by ``label``.
-        runs: candidate -> the labels of its runs in the report.
+        report: the rotation report; models are found by their ``source``.
+        runs: candidate -> the sources of its runs in the report.
         accuracies: candidate -> accuracy of each run (added as ``"accuracy"``).
 
     Returns:
         ``{source: {candidate: {metric: spread}}}``, ``"all"`` first, then the report's
         sources in order.
     """
-    records = {model["label"]: model for model in report["models"]}
+    records = {model["source"]: model for model in report["models"]}
     names = ["all", *(source["name"] for source in report.get("sources", []))]
     table: dict[str, dict[str, Any]] = {}
     for source in names:
@@ -491,7 +492,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log("accuracy")
     accuracies = {label: accuracy(*loaded[label]) for label in checkpoints}
     log("rotation report")
-    # (model, info) pairs labelled with the run's name (every checkpoint is "model.pt")
+    # (model, info) pairs whose source is the run's name (every checkpoint is "model.pt")
     models = [(net, dataclasses.replace(info, source=label))
               for label, (net, info) in loaded.items()]
     if not args.no_references:

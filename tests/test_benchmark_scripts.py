@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -36,14 +35,20 @@ def _run_script(script: str, *args: str, timeout: float = 300) -> subprocess.Com
                           capture_output=True, text=True, timeout=timeout, check=False)
 
 
-@pytest.fixture(scope="module")
-def gpu_check() -> Iterator[ModuleType]:
-    """``benchmarks/gpu_check.py`` as a module (the benchmarks folder is not a package)."""
+def _bench_module(name: str) -> ModuleType:
+    """``benchmarks/<name>.py`` as a module (the benchmarks folder is not a package; the
+    scripts import their neighbours, so it is on the path while one is imported)."""
     sys.path.insert(0, str(BENCH))
     try:
-        yield importlib.import_module("gpu_check")
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(BENCH))
+
+
+@pytest.fixture(scope="module")
+def gpu_check() -> ModuleType:
+    """``benchmarks/gpu_check.py`` as a module."""
+    return _bench_module("gpu_check")
 
 
 # ------------------------------------------------------------------------------ gpu_check
@@ -213,11 +218,7 @@ def test_startup_quick_writes_the_expected_structure(tmp_path: Path) -> None:
 
 
 def test_startup_parses_importtime() -> None:
-    sys.path.insert(0, str(BENCH))
-    try:
-        startup = importlib.import_module("startup")
-    finally:
-        sys.path.remove(str(BENCH))
+    startup = _bench_module("startup")
     stderr = "\n".join([
         "import time: self [us] | cumulative | imported package",
         "import time:       100 |        100 |   torch._C",
@@ -236,11 +237,7 @@ def test_startup_parses_importtime() -> None:
 def test_distillation_knn_and_probe_helpers_match_scikit_learn() -> None:
     from sklearn.neighbors import KNeighborsClassifier
 
-    sys.path.insert(0, str(BENCH))
-    try:
-        distillation = importlib.import_module("distillation")
-    finally:
-        sys.path.remove(str(BENCH))
+    distillation = _bench_module("distillation")
     rng = np.random.default_rng(0)
     train, test = rng.normal(size=(60, 8)), rng.normal(size=(25, 8))
     train_y = (train[:, 0] + 0.3 * rng.normal(size=60) > 0).astype(int)
@@ -258,16 +255,12 @@ def test_distillation_knn_and_probe_helpers_match_scikit_learn() -> None:
 
 
 def test_rotation_robustness_aggregates_seeds_per_source_and_checks_targets() -> None:
-    sys.path.insert(0, str(BENCH))
-    try:
-        robustness = importlib.import_module("rotation_robustness")
-    finally:
-        sys.path.remove(str(BENCH))
+    robustness = _bench_module("rotation_robustness")
 
     def record(label: str, eight: float, per_source: dict[str, float]) -> dict[str, Any]:
         def summary(value: float) -> dict[str, float]:
             return {key: value for key, _ in robustness.METRICS} | {"shift_8_mutual_knn": value}
-        return {"label": label, "summary": summary(eight),
+        return {"label": label.split("/")[-1], "source": label, "summary": summary(eight),
                 "sources": {name: {"summary": summary(v)} for name, v in per_source.items()}}
 
     report = {"sources": [{"name": "slide"}, {"name": "tiles"}], "models": [
