@@ -328,3 +328,15 @@ def test_the_default_invariant_variant_is_the_default_everywhere() -> None:
     assert model_name(DEFAULT_STUDENT_VARIANT, "small") == DEFAULT_STUDENT
     distill = json.loads((REPO_ROOT / "monai_bundle" / "configs" / "distill.json").read_text())
     assert distill["student"] == DEFAULT_STUDENT
+
+
+def test_a_disc_model_traces_with_torch_jit_checks_on_a_new_size() -> None:
+    # torch.jit.trace (as MONAI's ckpt_export calls it) reruns the model and compares graphs:
+    # the disc's cached token indices must not make the first call's graph differ. 80 px:
+    # grid sizes no other test builds, so the cache starts cold.
+    model = timm.create_model("equivit_disc_tiny_patch16_224", num_classes=3, img_size=80,
+                              depth=1).eval()
+    x = torch.randn(2, 3, 80, 80)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, x)  # check_trace=True: raises if the graphs diverge
+        torch.testing.assert_close(traced(x.flip(0)), model(x.flip(0)))

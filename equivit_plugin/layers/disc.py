@@ -59,8 +59,12 @@ def disc_token_indices(grid_size: tuple[int, int], radius: float, num_prefix_tok
     Returns:
         ``(P + M,)`` int64, ``M`` the number of cells inside the disc.
     """
-    return _indices(tuple(int(s) for s in grid_size), float(radius),
-                    int(num_prefix_tokens)).to(device)
+    key = (tuple(int(s) for s in grid_size), float(radius), int(num_prefix_tokens))
+    if torch.jit.is_tracing():
+        # A trace records every op it runs: built afresh, so that every traced call has the
+        # same graph (torch.jit.trace's check reruns the model and a cache hit would differ).
+        return _indices.__wrapped__(*key).to(device)
+    return _indices(*key).to(device)
 
 
 class DiscGroupNorm(nn.GroupNorm):
