@@ -50,8 +50,8 @@ __all__ = ["DEFAULT_MODEL", "IntermediateFeatures", "backbone"]
 
 DEFAULT_MODEL = "equivit_disc_small_patch16_224"
 """The backbone without a ``model_name`` or ``checkpoint``: the distillation student's
-architecture (:data:`~equivit_plugin.models.DEFAULT_STUDENT_VARIANT`), ``D = 384`` as eva's
-``IN_FEATURES`` default."""
+architecture (:data:`~equivit_plugin.models.DEFAULT_STUDENT_VARIANT`, also the default
+invariant variant trained from scratch), ``D = 384`` as eva's ``IN_FEATURES`` default."""
 
 
 class IntermediateFeatures(nn.Module):

@@ -45,7 +45,7 @@ QUICK = CONFIGS / "quick_train.json"
 META = CONFIGS / "metadata.json"
 SCHEMA = BUNDLE / "schema" / "metadata_schema.json"
 LUNG = ["lung_aca", "lung_n", "lung_scc"]
-NAME = "equivit_ric_tiny_patch16_224"  # train.json's default network
+NAME = "equivit_disc_tiny_patch16_224"  # train.json's default network
 TILES_PER_CLASS = 6
 # 6 tiles per class, val_fraction 0.34: 2 per class held out -> 12 train, 6 val tiles.
 TINY: dict[str, Any] = {"img_size": 32, "network_def#depth": 1, "model_kwargs#depth": 1,

@@ -39,9 +39,11 @@ __all__ = [
     "resolve_context",
 ]
 
-DEFAULT_MODEL = "equivit_ric_small_patch16_224"
+DEFAULT_MODEL = "equivit_disc_small_patch16_224"
 """Encoder used when none is given (random weights: a warning says so): the package's default
-invariant variant (``equivit_plugin.models.DEFAULT_INVARIANT_VARIANT``) at size small."""
+invariant variant (``equivit_plugin.models.DEFAULT_INVARIANT_VARIANT``) at size small. It sees
+the inscribed disc of what it embeds, so each cell is embedded with a context whose disc covers
+it (:func:`resolve_context`)."""
 DEFAULT_MPP = 0.5
 """Target resolution, micrometres per pixel (20x)."""
 DEFAULT_PATCH_SIZE = 224
