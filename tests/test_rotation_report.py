@@ -255,6 +255,22 @@ def test_tile_regions_are_each_tile_inside_its_mirror_image(crc_tiles: TileRegio
         crc_tiles.read(448)
 
 
+@pytest.mark.parametrize(("call", "argument", "message"), [
+    (lambda d: tile_regions(d / "empty", tile_size=224), "tiles", r"empty: no image files"),
+    (lambda d: tile_regions([], tile_size=224), "tiles", "no tile files given"),
+    (lambda d: tile_regions([d / "gone.png"], tile_size=224), "tiles", r"gone\.png: no such file"),
+    (lambda d: tile_regions(d, tile_size=0), "tile_size", "tile_size= must be a positive"),
+    (lambda d: tile_regions(d, tile_size=224, n_regions=0), "n_regions",
+     "n_regions= must be a positive integer or None, got 0"),
+])
+def test_tile_regions_name_the_bad_argument(tmp_path: Path, call, argument: str,
+                                            message: str) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RotationReportError, match=message) as error:
+        call(tmp_path)
+    assert error.value.argument == argument
+
+
 @pytest.mark.filterwarnings("ignore::equivit_plugin.features.RandomWeightsWarning")
 def test_several_sources_are_measured_together_and_each_alone(
         regions: Regions, crc_tiles: TileRegions, vit: tuple) -> None:

@@ -239,13 +239,13 @@ def _random_weights_note(encoder: _Encoder, seed: int) -> str:
             f"numbers describe the untrained architecture, not a trained encoder")
 
 
-def _source_rows(regions: Sequence[RegionSet], k: int) -> dict[str, torch.Tensor]:
-    """Row indices of each source with more than ``k`` regions, in order of appearance."""
+def _source_rows(regions: Sequence[RegionSet]) -> dict[str, list[int]]:
+    """Row indices of each source's regions, sources in order of appearance."""
     names = [name for region_set in regions for name in region_set.source_names]
     rows: dict[str, list[int]] = {}
     for row, name in enumerate(names):
         rows.setdefault(name, []).append(row)
-    return {name: torch.tensor(found) for name, found in rows.items() if len(found) > k}
+    return rows
 
 
 def _read(regions: Sequence[RegionSet], size: int, progress: bool) -> torch.Tensor:
@@ -254,17 +254,13 @@ def _read(regions: Sequence[RegionSet], size: int, progress: bool) -> torch.Tens
     return torch.from_numpy(parts[0] if len(parts) == 1 else np.concatenate(parts))
 
 
-def _measure(encoder: _Encoder, regions: Sequence[RegionSet], settings: ReportSettings,
-             device: torch.device, bar: tqdm, progress: bool) -> dict[str, Any]:
-    """Every view of one model: ``{"angles", "shifts", "sources", "seconds"}``; ``sources``
-    holds the same comparisons within each source (when there are several)."""
+def _measure(encoder: _Encoder, pixels: torch.Tensor, sources: Mapping[str, torch.Tensor],
+             settings: ReportSettings, device: torch.device, bar: tqdm) -> dict[str, Any]:
+    """Every view of one model on ``pixels`` (``(N, 2T, 2T, 3)`` uint8, ``T`` its tile size):
+    ``{"angles", "shifts", "sources", "seconds"}``; ``sources`` holds the same comparisons
+    within the rows of each source in ``sources``."""
     started = time.perf_counter()
     size = encoder.tile_size
-    # Read once per tile size (cached by each source), shared by every view and model.
-    pixels = _read(regions, size, progress)
-    sources = _source_rows(regions, settings.k)
-    if len({name for region_set in regions for name in region_set.source_names}) < 2:
-        sources = {}  # one source: its numbers are the pooled ones
     module = PooledEncoder(encoder.net, d4_average=settings.d4_average).eval().to(device)
     mean = torch.tensor(encoder.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(encoder.std, device=device).view(1, 3, 1, 1)
@@ -463,8 +459,9 @@ def rotation_report(
     largest = max(encoder.tile_size for encoder in encoders)
     region_sets = _region_sets(slides, tiles, settings, largest, progress)
     n_found = sum(len(region_set) for region_set in region_sets)
+    rows_by_source = _source_rows(region_sets)
     if n_found <= settings.k:
-        names = ", ".join(sorted({n for r in region_sets for n in r.source_names}))
+        names = ", ".join(sorted(rows_by_source))
         raise RotationReportError(
             f"k={settings.k} needs at least {settings.k + 1} regions, but only {n_found} "
             f"regions of {2 * largest} px were found in {names}; lower k=, give more "
@@ -476,26 +473,33 @@ def rotation_report(
             where = region_set.name if isinstance(region_set, TileRegions) else "the slides"
             notes.append(f"{region_set.requested} regions were asked for, {where} hold "
                          f"{len(region_set)}")
-    counts: dict[str, int] = {}
-    for name in (n for r in region_sets for n in r.source_names):
-        counts[name] = counts.get(name, 0) + 1
+    counts = {name: len(rows) for name, rows in rows_by_source.items()}
+    # Compared within each source as well when there are several (one source: its numbers
+    # are the pooled ones); a source of <= k regions has no k neighbours of its own.
+    compared: dict[str, torch.Tensor] = {}
     if len(counts) > 1:
-        for name, count in counts.items():
-            if count <= settings.k:
-                notes.append(f"{name}: {count} regions, not more than k={settings.k}: "
+        for name, rows in rows_by_source.items():
+            if len(rows) > settings.k:
+                compared[name] = torch.tensor(rows)
+            else:
+                notes.append(f"{name}: {len(rows)} regions, not more than k={settings.k}: "
                              f"measured in the pooled numbers only")
     for encoder in encoders:
         if encoder.info.random_weights:
-            notes.append(_random_weights_note(encoder, settings.seed))
-            warnings.warn(_random_weights_note(encoder, settings.seed), RandomWeightsWarning,
-                          stacklevel=2)
+            note = _random_weights_note(encoder, settings.seed)
+            notes.append(note)
+            warnings.warn(note, RandomWeightsWarning, stacklevel=2)
 
     views = _views(settings)
     records = []
     with tqdm(total=len(encoders) * len(views), desc="rotation report", unit="view",
               disable=not progress) as bar:
+        pixels: dict[int, torch.Tensor] = {}  # per tile size, shared by every view and model
         for encoder in encoders:
-            measured = _measure(encoder, region_sets, settings, torch_device, bar, progress)
+            size = encoder.tile_size
+            if size not in pixels:
+                pixels[size] = _read(region_sets, size, progress)
+            measured = _measure(encoder, pixels[size], compared, settings, torch_device, bar)
             info = encoder.info
             records.append({
                 "label": encoder.label, "source": encoder.source, "name": info.name,
