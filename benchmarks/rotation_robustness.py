@@ -67,6 +67,7 @@ import throughput  # noqa: E402  (beside this script: the round-robin timing)
 
 from equivit_plugin.bundle.data import datalist, tile_transforms  # noqa: E402
 from equivit_plugin.features.demo import write_pyramid_tiff  # noqa: E402
+from equivit_plugin.layers import disc_token_mask  # noqa: E402
 from equivit_plugin.models import ModelInfo, create_model, load_model  # noqa: E402
 from equivit_plugin.robustness import (  # noqa: E402
     RegionSet,
@@ -250,11 +251,9 @@ class WindowedDescriptors(nn.Module):
                                   / math.sqrt(75), requires_grad=False)
         self.conv2 = nn.Parameter(torch.randn(channels, channels, 3, 3, generator=generator)
                                   / math.sqrt(9 * channels), requires_grad=False)
-        centre = (tile_size - 1) / 2
-        axis = torch.arange(tile_size) - centre
-        radius = torch.sqrt(axis[:, None] ** 2 + axis[None, :] ** 2)
-        weights = (radius <= tile_size / 2).float() if window == "disc" \
-            else torch.ones(tile_size, tile_size)
+        # The disc equivit_disc attends to, at pixel resolution: every pixel a "token".
+        weights = disc_token_mask((tile_size, tile_size), 1.0).view(tile_size, tile_size) \
+            .float() if window == "disc" else torch.ones(tile_size, tile_size)
         self.register_buffer("window", weights / weights.sum())
         self.num_features = channels
 

@@ -272,6 +272,20 @@ def test_tile_regions_name_the_bad_argument(tmp_path: Path, call, argument: str,
 
 
 @pytest.mark.filterwarnings("ignore::equivit_plugin.features.RandomWeightsWarning")
+def test_region_sets_that_cannot_be_compared_are_refused(
+        regions: Regions, crc_tiles: TileRegions, vit: tuple) -> None:
+    coarse = tile_regions(list(crc_tiles.files), tile_size=224, target_mpp=1.0)
+    large = load_model("vit_tiny_patch16_224", seed=0)
+    for slides, models, message in (
+            ([], [vit], "give slides, tiles= or regions to measure on"),
+            ([regions, coarse], [vit], r"several resolutions \(\[0.5, 1.0\] um/px\)"),
+            ([regions], [large], "sampled for tiles of 112 px, but a model takes 224 px")):
+        with pytest.raises(RotationReportError, match=message) as error:
+            rotation_report(models, slides, angles=[0, 90], shifts=[], k=K, progress=False)
+        assert error.value.argument == "slides"
+
+
+@pytest.mark.filterwarnings("ignore::equivit_plugin.features.RandomWeightsWarning")
 def test_several_sources_are_measured_together_and_each_alone(
         regions: Regions, crc_tiles: TileRegions, vit: tuple) -> None:
     report = rotation_report([vit], [regions, crc_tiles], angles=[0, 30], shifts=[4], k=K,
